@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Each creates the
+# virtualenv if it is missing and installs the package into it (editable).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow bench lint venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.py
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/keras-moe demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs

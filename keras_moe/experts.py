@@ -1,0 +1,154 @@
+"""A bank of independent feed-forward experts with stacked weights."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def _per_expert_glorot(fan_in, fan_out, seed):
+    # Keras's GlorotUniform would count the expert axis into both fans for a
+    # [E, d, h] kernel; each expert is its own d -> h matrix.
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return keras.initializers.RandomUniform(-limit, limit, seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class FeedForwardExperts(keras.layers.Layer):
+    """`E` feed-forward experts `E_i(x) = act(x W_in_i + b_in_i) W_out_i + b_out_i`.
+
+    The experts of the paper (Section 2.1, App. C): one hidden layer with a
+    ReLU, each with its own parameters. Weights are stored stacked so that
+    the layer has four variables whatever `E` is:
+    `w_in [E, d, h]`, `b_in [E, h]`, `w_out [E, h, out]`, `b_out [E, out]`.
+
+    Two ways to evaluate them:
+    - `call(x)` with `x: [E, C, d]` (each expert's own rows, e.g. a static
+      capacity buffer) runs one batched matmul per layer;
+    - `apply_partitioned(parts)` with a list of `E` tensors `[n_e, d]` of
+      different lengths runs expert `e` on exactly its `n_e` rows, so the
+      work is proportional to the rows routed, not to `E`.
+
+    Args:
+        num_experts: int >= 1.
+        hidden_dim: int >= 1, `h`.
+        output_dim: int >= 1 or None (then equal to the input width).
+        activation: hidden activation, name or callable (default `"relu"`).
+        use_bias: bool.
+        seed: optional int seed of the initializers.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: `[E, C, d]`.
+
+    Returns:
+        `[E, C, output_dim]`.
+
+    Example:
+
+    >>> experts = FeedForwardExperts(num_experts=3, hidden_dim=16, output_dim=4)
+    >>> experts(tf.ones([3, 5, 8])).shape
+    TensorShape([3, 5, 4])
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        hidden_dim,
+        output_dim=None,
+        activation="relu",
+        use_bias=True,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(
+                f"`num_experts` must be an integer >= 1. Received: num_experts={num_experts}"
+            )
+        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+            raise ValueError(
+                f"`hidden_dim` must be an integer >= 1. Received: hidden_dim={hidden_dim}"
+            )
+        if output_dim is not None and (not isinstance(output_dim, int) or output_dim < 1):
+            raise ValueError(
+                f"`output_dim` must be None or an integer >= 1. Received: output_dim={output_dim}"
+            )
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.output_dim = output_dim
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.seed = seed
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        out = self.output_dim or d
+        e, h = self.num_experts, self.hidden_dim
+        seed2 = None if self.seed is None else self.seed + 1
+        self.w_in = self.add_weight(
+            name="w_in", shape=(e, d, h), initializer=_per_expert_glorot(d, h, self.seed)
+        )
+        self.w_out = self.add_weight(
+            name="w_out", shape=(e, h, out), initializer=_per_expert_glorot(h, out, seed2)
+        )
+        if self.use_bias:
+            self.b_in = self.add_weight(name="b_in", shape=(e, h), initializer="zeros")
+            self.b_out = self.add_weight(name="b_out", shape=(e, out), initializer="zeros")
+        else:
+            self.b_in = self.b_out = None
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+    def call(self, inputs):
+        x = tf.cast(inputs, self.compute_dtype)
+        hidden = tf.einsum("ecd,edh->ech", x, self._cast(self.w_in))
+        if self.use_bias:
+            hidden += self._cast(self.b_in)[:, None, :]
+        hidden = self.activation(hidden)
+        y = tf.einsum("ech,eho->eco", hidden, self._cast(self.w_out))
+        if self.use_bias:
+            y += self._cast(self.b_out)[:, None, :]
+        return y
+
+    def apply_partitioned(self, parts):
+        """Run expert `e` on `parts[e]` (`[n_e, d]`) for every `e`.
+
+        Args:
+            parts: list of `E` tensors `[n_e, d]`.
+
+        Returns:
+            list of `E` tensors `[n_e, output_dim]`.
+        """
+        # Unstacking once gives a backward pass that stacks E gradients
+        # (cost E*d*h); slicing w_in[e] E times would add E dense [E, d, h]
+        # gradients instead.
+        w_in = tf.unstack(self._cast(self.w_in))
+        w_out = tf.unstack(self._cast(self.w_out))
+        b_in = tf.unstack(self._cast(self.b_in)) if self.use_bias else None
+        b_out = tf.unstack(self._cast(self.b_out)) if self.use_bias else None
+        outputs = []
+        for e, rows in enumerate(parts):
+            hidden = tf.matmul(tf.cast(rows, self.compute_dtype), w_in[e])
+            if self.use_bias:
+                hidden = tf.nn.bias_add(hidden, b_in[e])
+            y = tf.matmul(self.activation(hidden), w_out[e])
+            if self.use_bias:
+                y = tf.nn.bias_add(y, b_out[e])
+            outputs.append(y)
+        return outputs
+
+    def _cast(self, variable):
+        return tf.cast(variable, self.compute_dtype)
+
+    def get_config(self):
+        config = {
+            "num_experts": self.num_experts,
+            "hidden_dim": self.hidden_dim,
+            "output_dim": self.output_dim,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}

@@ -1,0 +1,256 @@
+"""Noisy top-k gating (Shazeer et al. 2017, Eq. 3-5) and its relatives."""
+
+import keras
+import tensorflow as tf
+
+from keras_moe import losses
+from keras_moe.routing import GateDecision
+
+GATING_TYPES = ("noisy_top_k", "top_k", "switch", "softmax", "batchwise")
+
+
+def validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon):
+    """Shared argument checks of the gating and MoE layers."""
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(
+            f"`num_experts` must be an integer >= 1. Received: num_experts={num_experts}"
+        )
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an integer >= 1. Received: k={k}")
+    if k > num_experts:
+        raise ValueError(
+            f"`k` must be <= num_experts={num_experts}. Received: k={k}"
+        )
+    for name, value in (
+        ("importance_weight", importance_weight),
+        ("load_weight", load_weight),
+        ("noise_epsilon", noise_epsilon),
+    ):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(
+                f"`{name}` must be a non-negative number. Received: {name}={value}"
+            )
+
+
+def top_k_gates(clean_logits, noise_std, noise, k):
+    """Select k experts per row and weight them (Eq. 3-5, 8-9).
+
+    Args:
+        clean_logits: float32 `[N, E]`, `x W_g`.
+        noise_std: float32 `[N, E]` or None (no noise).
+        noise: float32 `[N, E]` standard normal sample, or None.
+        k: int.
+
+    Returns:
+        `(top_indices [N, k] int32, top_gates [N, k], load_prob [N, E] or
+        None)`. `top_gates` is the softmax over the k kept logits (softmax
+        after top-k, so each row sums to 1). `load_prob` is the smooth load
+        estimator's per-token probability when noise is used and `k < E`.
+    """
+    num_experts = clean_logits.shape[-1]
+    if noise_std is not None:
+        logits = clean_logits + noise * noise_std
+    else:
+        logits = clean_logits
+    top_values, top_indices = tf.math.top_k(logits, k)
+    top_gates = tf.nn.softmax(top_values, axis=-1)
+    load_prob = None
+    if noise_std is not None and k < num_experts:
+        load_prob = losses.smooth_load_probability(clean_logits, logits, noise_std, k)
+    return tf.cast(top_indices, tf.int32), top_gates, load_prob
+
+
+def decision_from_top_k(top_indices, top_gates, num_experts, weight, load_prob):
+    """Flatten `[N, k]` choices into pairs and sum the batch statistics.
+
+    Args:
+        top_indices: int32 `[N, k]`.
+        top_gates: float32 `[N, k]`.
+        num_experts: int.
+        weight: float32 `[N]`, 1 for tokens that count, 0 for masked ones.
+        load_prob: float32 `[N, E]` or None (then load = counts).
+
+    Returns:
+        dict with `token_index`, `expert_index`, `gate`, `importance`,
+        `load`, `counts`.
+    """
+    k = top_indices.shape[-1]
+    n = tf.shape(top_indices)[0]
+    token_index = tf.range(n * k, dtype=tf.int32) // k
+    expert_index = tf.reshape(top_indices, [-1])
+    gate = tf.reshape(top_gates, [-1])
+    pair_weight = tf.gather(weight, token_index)
+    importance = losses.importance(expert_index, gate * pair_weight, num_experts)
+    counts = losses.counts(expert_index, num_experts, pair_weight)
+    if load_prob is None:
+        load = counts
+    else:
+        load = tf.reduce_sum(load_prob * weight[:, None], axis=0)
+    return dict(
+        token_index=token_index,
+        expert_index=expert_index,
+        gate=gate,
+        importance=importance,
+        load=load,
+        counts=counts,
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class NoisyTopKGating(keras.layers.Layer):
+    """Noisy top-k gating network of the sparsely-gated MoE layer.
+
+    Implements `G(x) = Softmax(KeepTopK(H(x), k))` with
+    `H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i)`
+    (Shazeer et al. 2017, Eq. 3-5; the noise std also gets `noise_epsilon`
+    added so it never reaches 0). The softmax is taken after the top-k, so
+    the k kept gates of a token sum to 1. Noise is added only in training.
+    `W_g` and `W_noise` start at zero (App. A), so the first training steps
+    route by noise alone.
+
+    The layer also sums what the balancing losses need (Section 4):
+    `Importance(X) = sum_x G(x)` (Eq. 6) and the smooth load estimator
+    `Load(X)_i = sum_x P(x, i)` (Eq. 8-10), and returns
+    `w_importance * CV(Importance)^2 + w_load * CV(Load)^2` as `aux_loss`.
+    Without noise (inference, or `gating="top_k"`) Load is the count of
+    tokens per expert, which has no gradient; nothing divides by zero.
+
+    Other rules chosen by `gating`:
+    - `"top_k"`: the same without noise.
+    - `"softmax"`: a dense mixture of all experts (Jacobs et al. 1991):
+      `Softmax(x W_g)`; requires `k == num_experts`.
+    - `"switch"`: top-1 routing of Switch Transformers (Fedus et al. 2021):
+      the gate is the router probability of the chosen expert (not 1), and
+      the auxiliary loss is `load_weight * E * sum_i f_i P_i` plus the
+      importance loss; requires `k == 1`.
+
+    Routing is always computed in float32, whatever the dtype policy of the
+    enclosing layer.
+
+    Args:
+        num_experts: int, number of experts `E`.
+        k: int, experts per token, `1 <= k <= E`.
+        gating: one of `"noisy_top_k"`, `"top_k"`, `"softmax"`, `"switch"`.
+        importance_weight: float >= 0, `w_importance`.
+        load_weight: float >= 0, `w_load`.
+        noise_epsilon: float >= 0, added to the noise std.
+        seed: optional int seed of the gating noise.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[N, d]` tokens (cast to float32).
+        training: bool, whether noise is applied.
+        weight: optional float `[N]`; 0 excludes a token from the statistics.
+
+    Returns:
+        A `keras_moe.routing.GateDecision`.
+
+    Example:
+
+    >>> gating = NoisyTopKGating(num_experts=4, k=2)
+    >>> d = gating(tf.ones([3, 8]), training=True)
+    >>> d.top_gates.shape
+    TensorShape([3, 2])
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        k=4,
+        gating="noisy_top_k",
+        importance_weight=0.1,
+        load_weight=0.1,
+        noise_epsilon=1e-2,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon)
+        if gating not in ("noisy_top_k", "top_k", "softmax", "switch"):
+            raise ValueError(
+                "`gating` must be one of 'noisy_top_k', 'top_k', 'softmax', "
+                f"'switch' for NoisyTopKGating. Received: gating={gating!r}"
+            )
+        if gating == "switch" and k != 1:
+            raise ValueError(
+                "gating='switch' sends each token to exactly one expert; pass k=1. "
+                f"Received: k={k}"
+            )
+        if gating == "softmax" and k != num_experts:
+            raise ValueError(
+                "gating='softmax' mixes all experts; pass k=num_experts="
+                f"{num_experts}. Received: k={k}"
+            )
+        self.num_experts = num_experts
+        self.k = k
+        self.gating = gating
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.noise_epsilon = float(noise_epsilon)
+        self.seed = seed
+        self.noisy = gating == "noisy_top_k"
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        self.w_gate = self.add_weight(
+            name="w_gate", shape=(d, self.num_experts), initializer="zeros"
+        )
+        self.w_noise = self.add_weight(
+            name="w_noise", shape=(d, self.num_experts), initializer="zeros"
+        )
+
+    def call(self, inputs, training=False, weight=None):
+        x = tf.cast(inputs, tf.float32)
+        if weight is None:
+            weight = tf.ones(tf.shape(x)[:1], tf.float32)
+        weight = tf.cast(weight, tf.float32)
+        w_gate = tf.cast(self.w_gate, tf.float32)
+        clean_logits = tf.matmul(x, w_gate)
+        noise_std = noise = None
+        if self.noisy and training:
+            w_noise = tf.cast(self.w_noise, tf.float32)
+            noise_std = tf.nn.softplus(tf.matmul(x, w_noise)) + self.noise_epsilon
+            noise = keras.random.normal(
+                tf.shape(clean_logits), seed=self.seed_generator, dtype="float32"
+            )
+
+        if self.gating == "switch":
+            probs = tf.nn.softmax(clean_logits, axis=-1)
+            top_gates, top_indices = tf.math.top_k(probs, 1)
+            top_indices = tf.cast(top_indices, tf.int32)
+            stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
+            aux = self.importance_weight * losses.cv_squared(stats["importance"])
+            aux += self.load_weight * losses.switch_load_balancing_loss(
+                top_indices[:, 0], probs, weight
+            )
+        else:
+            top_indices, top_gates, load_prob = top_k_gates(
+                clean_logits, noise_std, noise, self.k
+            )
+            stats = decision_from_top_k(
+                top_indices, top_gates, self.num_experts, weight, load_prob
+            )
+            aux = self.importance_weight * losses.cv_squared(stats["importance"])
+            aux += self.load_weight * losses.cv_squared(stats["load"])
+        return GateDecision(
+            top_indices=top_indices,
+            top_gates=top_gates,
+            aux_loss=aux,
+            clean_logits=clean_logits,
+            noise_std=noise_std,
+            **stats,
+        )
+
+    def get_config(self):
+        config = {
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "gating": self.gating,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "noise_epsilon": self.noise_epsilon,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}

@@ -1,0 +1,316 @@
+"""The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
+
+import keras
+import tensorflow as tf
+
+from keras_moe import dispatch
+from keras_moe.batchwise import BatchwiseGating
+from keras_moe.experts import FeedForwardExperts
+from keras_moe.gating import GATING_TYPES, NoisyTopKGating, validate_common
+from keras_moe.routing import (
+    Routing,
+    make_routing_metrics,
+    routing_statistics,
+    update_routing_metrics,
+)
+
+
+def validate_capacity_factor(capacity_factor):
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise ValueError(
+            "`capacity_factor` must be None (dropless) or a number > 0. "
+            f"Received: capacity_factor={capacity_factor!r}"
+        )
+    if capacity_factor <= 0:
+        raise ValueError(
+            f"`capacity_factor` must be > 0. Received: capacity_factor={capacity_factor}"
+        )
+    return float(capacity_factor)
+
+
+def _scatter_rows(rows, index, num_rows, fill):
+    """Put `rows[i]` at row `index[i]` of a `[num_rows, ...]` tensor of `fill`."""
+    shape = tf.concat([[num_rows], tf.shape(rows)[1:]], axis=0)
+    base = tf.fill(shape, tf.cast(fill, rows.dtype))
+    return tf.tensor_scatter_nd_update(base, index[:, None], rows)
+
+
+class SparseMoEBase(keras.layers.Layer):
+    """Shared call path of `MoE` and `HierarchicalMoE` (not public).
+
+    Subclasses set `self.gating` (a layer returning a `GateDecision` over
+    `self.total_experts` experts), `self.experts`, `self.k_total`,
+    `self.capacity_factor` and `self.output_dim` in `__init__`.
+    """
+
+    def _init_base(self, capacity_factor):
+        self.capacity_factor = validate_capacity_factor(capacity_factor)
+        self.supports_masking = True
+        # Dropless dispatch has data-dependent shapes, which XLA cannot
+        # compile; this keeps `compile(jit_compile="auto")` off XLA.
+        self.supports_jit = self.capacity_factor is not None
+        self.routing_metrics = make_routing_metrics(self.name)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of rank >= 2 with a known last "
+                f"dimension. Received: input_shape={input_shape}"
+            )
+        self.gating.build(input_shape[-1:])
+        self.experts.build(input_shape[-1:])
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def call(self, inputs, training=None, mask=None, return_routing=False):
+        training = bool(training)
+        d = inputs.shape[-1]
+        out_dim = self.output_dim or d
+        lead_shape = tf.shape(inputs)[:-1]
+        flat = tf.reshape(inputs, [-1, d])
+        num_tokens = tf.shape(flat)[0]
+
+        weight = None
+        kept = None
+        if mask is not None:
+            weight = tf.reshape(tf.cast(mask, tf.float32), [-1])
+            if self.capacity_factor is None:
+                # Dropless: masked positions are removed before routing, so
+                # they cost nothing and cannot touch the statistics.
+                kept = tf.cast(tf.where(weight > 0)[:, 0], tf.int32)
+                flat_kept = tf.gather(flat, kept)
+                weight = None
+        tokens = flat if kept is None else flat_kept
+        decision = self.gating(tokens, training=training, weight=weight)
+        num_routed = tf.shape(tokens)[0]
+
+        if self.capacity_factor is None:
+            y = dispatch.dropless_dispatch(
+                tokens, decision.token_index, decision.expert_index, decision.gate,
+                self.experts, num_routed,
+            )
+            dropped = tf.zeros([], tf.float32)
+        else:
+            valid = None
+            if weight is not None:
+                valid = tf.gather(weight, decision.token_index) > 0
+            y, dropped = dispatch.capacity_dispatch(
+                tokens, decision.token_index, decision.expert_index, decision.gate,
+                self.experts, num_routed, self.capacity_factor,
+                valid=valid, priority=self._pair_priority(decision),
+            )
+        if kept is not None:
+            y = _scatter_rows(y, kept, num_tokens, 0.0)
+        elif weight is not None:
+            y = y * tf.cast(weight, y.dtype)[:, None]
+        y = tf.reshape(y, tf.concat([lead_shape, [out_dim]], axis=0))
+
+        if training:
+            self.add_loss(decision.aux_loss)
+        update_routing_metrics(
+            self.routing_metrics,
+            routing_statistics(decision.importance, decision.counts, dropped),
+        )
+        if decision.primary is not None:
+            update_routing_metrics(
+                self.primary_routing_metrics,
+                routing_statistics(
+                    decision.primary.importance, decision.primary.counts, tf.zeros([])
+                ),
+            )
+        if not return_routing:
+            return y
+        return y, self._routing(decision, dropped, lead_shape, kept, weight, num_tokens)
+
+    def _pair_priority(self, decision):
+        # Top-k pairs are laid out [N, k]; serving every token's first
+        # choice before anyone's second keeps drops on the weaker gates.
+        k = decision.top_indices.shape[-1]
+        num_pairs = tf.shape(decision.expert_index)[0]
+        if isinstance(self.gating, BatchwiseGating):
+            return tf.zeros([num_pairs], tf.int32)
+        return tf.range(num_pairs, dtype=tf.int32) % k
+
+    def _routing(self, decision, dropped, lead_shape, kept, weight, num_tokens):
+        indices, gates = decision.top_indices, decision.top_gates
+        logits, noise_std = decision.clean_logits, decision.noise_std
+        if kept is not None:
+            indices = _scatter_rows(indices, kept, num_tokens, -1)
+            gates = _scatter_rows(gates, kept, num_tokens, 0.0)
+            logits = _scatter_rows(logits, kept, num_tokens, 0.0)
+            if noise_std is not None:
+                noise_std = _scatter_rows(noise_std, kept, num_tokens, 0.0)
+        elif weight is not None:
+            valid = weight[:, None] > 0
+            indices = tf.where(valid, indices, -1)
+            gates = tf.where(valid, gates, 0.0)
+
+        def unflatten(t):
+            if t is None:
+                return None
+            return tf.reshape(t, tf.concat([lead_shape, tf.shape(t)[1:]], axis=0))
+
+        primary = decision.primary
+        return Routing(
+            expert_indices=unflatten(indices),
+            gates=unflatten(gates),
+            importance=decision.importance,
+            load=decision.load,
+            counts=decision.counts,
+            dropped_fraction=dropped,
+            aux_loss=decision.aux_loss,
+            clean_logits=unflatten(logits),
+            noise_std=unflatten(noise_std),
+            primary_importance=None if primary is None else primary.importance,
+            primary_load=None if primary is None else primary.load,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MoE(SparseMoEBase):
+    """Sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
+
+    `y = sum_i G(x)_i E_i(x)` (Eq. 1) where `G` is a sparse gate that keeps
+    `k` of `num_experts` experts per position (Eq. 3-5 for the default
+    noisy top-k gate) and each expert is a one-hidden-layer feed-forward
+    network. Only the chosen experts are evaluated: compute grows with `k`,
+    not with `num_experts`, and no tensor of size
+    `tokens * num_experts * width` is ever built.
+
+    In training the layer adds the balancing losses of Section 4 with
+    `add_loss`, so `model.fit` optimises them:
+    `importance_weight * CV(Importance)^2 + load_weight * CV(Load)^2`
+    (Eq. 6-7 and 8-11), Load being the paper's smooth estimator.
+    Routing statistics (CV of importance and load, max/mean load, fraction
+    of experts left without tokens, dropped fraction) are Keras metrics and
+    show in `fit` logs as `<layer name>_<statistic>`.
+
+    Inputs may have any rank >= 2 (`[..., d]`); every position is routed on
+    its own. Positions masked by a Keras mask are not routed, produce
+    zeros and are left out of the statistics. Routing runs in float32 under
+    mixed precision; expert matmuls follow the layer's dtype policy.
+
+    Args:
+        num_experts: int >= 1, `n` in the paper.
+        expert_hidden_dim: int >= 1, hidden width of each expert.
+        k: int, experts per position, `1 <= k <= num_experts`.
+        output_dim: int or None (same width as the input).
+        gating: `"noisy_top_k"` (Eq. 3-5), `"top_k"` (no noise),
+            `"switch"` (top-1, Switch Transformer loss; needs `k=1`),
+            `"softmax"` (dense mixture; needs `k=num_experts`) or
+            `"batchwise"` (App. F, balanced batchwise mask in training,
+            learned thresholds at inference).
+        importance_weight: float >= 0, `w_importance` (Eq. 7).
+        load_weight: float >= 0, `w_load` (Eq. 11).
+        noise_epsilon: float >= 0, added to the noise std.
+        capacity_factor: None for dropless dispatch (every position reaches
+            its k experts), or a float > 0: each expert then has a static
+            capacity of `ceil(capacity_factor * T * k / num_experts)`
+            positions per call, first choices are served first, and the
+            overflow is dropped (reported as `dropped_fraction`).
+        expert_activation: activation of the experts' hidden layer.
+        use_bias: bool, biases in the experts.
+        threshold_weight: float >= 0, weight of the batchwise threshold loss
+            (Eq. 18; used by `gating="batchwise"` only).
+        seed: optional int, seeds the initializers and the gating noise.
+        **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[..., d]`.
+        training: bool; noise and balancing losses apply only in training.
+        mask: optional bool `[...]` (a Keras mask is passed automatically).
+        return_routing: bool; if True, return `(y, routing)`.
+
+    Returns:
+        `y` of shape `[..., output_dim or d]`, or `(y, routing)` with
+        `routing` a `keras_moe.Routing`.
+
+    Example:
+
+    >>> layer = MoE(num_experts=8, expert_hidden_dim=16, k=2)
+    >>> y, routing = layer(tf.random.normal([4, 5, 12]), return_routing=True)
+    >>> y.shape, routing.expert_indices.shape
+    (TensorShape([4, 5, 12]), TensorShape([4, 5, 2]))
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        expert_hidden_dim,
+        k=4,
+        output_dim=None,
+        gating="noisy_top_k",
+        importance_weight=0.1,
+        load_weight=0.1,
+        noise_epsilon=1e-2,
+        capacity_factor=None,
+        expert_activation="relu",
+        use_bias=True,
+        threshold_weight=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon)
+        if gating not in GATING_TYPES:
+            raise ValueError(
+                f"`gating` must be one of {', '.join(map(repr, GATING_TYPES))}. "
+                f"Received: gating={gating!r}"
+            )
+        if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
+            raise ValueError(
+                "`expert_hidden_dim` must be an integer >= 1. "
+                f"Received: expert_hidden_dim={expert_hidden_dim}"
+            )
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.k = k
+        self.output_dim = output_dim
+        self.gating_type = gating
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.noise_epsilon = float(noise_epsilon)
+        self.expert_activation = expert_activation
+        self.use_bias = bool(use_bias)
+        self.threshold_weight = float(threshold_weight)
+        self.seed = seed
+        self._init_base(capacity_factor)
+        if gating == "batchwise":
+            self.gating = BatchwiseGating(
+                num_experts, k, importance_weight, load_weight, threshold_weight,
+                seed=seed, name="gating",
+            )
+        else:
+            self.gating = NoisyTopKGating(
+                num_experts, k, gating, importance_weight, load_weight, noise_epsilon,
+                seed=seed, name="gating",
+            )
+        self.experts = FeedForwardExperts(
+            num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
+            seed=seed, dtype=self.dtype_policy, name="experts",
+        )
+
+    def get_config(self):
+        config = {
+            "num_experts": self.num_experts,
+            "expert_hidden_dim": self.expert_hidden_dim,
+            "k": self.k,
+            "output_dim": self.output_dim,
+            "gating": self.gating_type,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "noise_epsilon": self.noise_epsilon,
+            "capacity_factor": self.capacity_factor,
+            "expert_activation": self.expert_activation,
+            "use_bias": self.use_bias,
+            "threshold_weight": self.threshold_weight,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}

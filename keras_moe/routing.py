@@ -1,0 +1,128 @@
+"""What a gate decided, as plain tensors, and the statistics derived from it.
+
+`GateDecision` is the internal contract between a gating layer and the
+dispatcher: a flat list of (token, expert, gate) pairs plus the sums the
+balancing losses need. `Routing` is what `MoE(..., return_routing=True)`
+hands back to users, reshaped to the input's leading dimensions.
+"""
+
+from typing import NamedTuple, Optional
+
+import keras
+import tensorflow as tf
+
+from keras_moe import losses
+
+
+class GateDecision(NamedTuple):
+    """A gate's decision over `N` flattened tokens (internal).
+
+    Attributes:
+        token_index: int32 `[P]`, token of each routed pair.
+        expert_index: int32 `[P]`, expert of each pair.
+        gate: float32 `[P]`, the pair's gate value.
+        top_indices: int32 `[N, k]`, the k experts of each token (for
+            reporting; `-1` where a token has fewer than k).
+        top_gates: float32 `[N, k]`.
+        importance: float32 `[E]`, Eq. 6 (sum of gates).
+        load: float32 `[E]`, Eq. 10 in noisy training, counts otherwise.
+        counts: float32 `[E]`, tokens actually sent to each expert.
+        aux_loss: float32 scalar, the weighted balancing losses.
+        clean_logits: float32 `[N, E]` or None (hierarchical: primary level).
+        noise_std: float32 `[N, E]` or None when no noise was used.
+        primary: a `GateDecision` of the first level (hierarchical) or None.
+    """
+
+    token_index: tf.Tensor
+    expert_index: tf.Tensor
+    gate: tf.Tensor
+    top_indices: tf.Tensor
+    top_gates: tf.Tensor
+    importance: tf.Tensor
+    load: tf.Tensor
+    counts: tf.Tensor
+    aux_loss: tf.Tensor
+    clean_logits: Optional[tf.Tensor] = None
+    noise_std: Optional[tf.Tensor] = None
+    primary: Optional["GateDecision"] = None
+
+
+class Routing(NamedTuple):
+    """Routing returned by `MoE(x, return_routing=True)`.
+
+    Attributes:
+        expert_indices: int32 `[..., k]`, the experts each position was sent
+            to (`-1` for masked positions).
+        gates: float32 `[..., k]`; each row of a non-masked position sums to 1
+            (softmax after top-k, Eq. 3); zeros for masked positions.
+        importance: float32 `[num_experts]`, Eq. 6 over non-masked positions.
+        load: float32 `[num_experts]`, Eq. 10 (smooth estimator) in training
+            with noise, token counts otherwise.
+        counts: float32 `[num_experts]`, tokens actually routed to each expert.
+        dropped_fraction: float32 scalar, share of (token, expert) pairs
+            dropped by the capacity limit (0 when dropless).
+        aux_loss: float32 scalar, the balancing loss of this call.
+        clean_logits: float32 `[..., E]` (primary level for hierarchical), or
+            None.
+        noise_std: float32 `[..., E]` or None when no noise was applied.
+        primary_importance: float32 `[num_groups]` or None (hierarchical).
+        primary_load: float32 `[num_groups]` or None (hierarchical).
+    """
+
+    expert_indices: tf.Tensor
+    gates: tf.Tensor
+    importance: tf.Tensor
+    load: tf.Tensor
+    counts: tf.Tensor
+    dropped_fraction: tf.Tensor
+    aux_loss: tf.Tensor
+    clean_logits: Optional[tf.Tensor] = None
+    noise_std: Optional[tf.Tensor] = None
+    primary_importance: Optional[tf.Tensor] = None
+    primary_load: Optional[tf.Tensor] = None
+
+
+def routing_statistics(importance, counts, dropped_fraction):
+    """The paper's Table 6 figures and collapse indicators for one batch.
+
+    Args:
+        importance: float32 `[E]`.
+        counts: float32 `[E]`, tokens routed to each expert.
+        dropped_fraction: float32 scalar.
+
+    Returns:
+        dict of float32 scalars: `cv_importance`, `cv_load`,
+        `max_mean_load`, `zero_expert_fraction`, `dropped_fraction`.
+    """
+    mean_count = tf.reduce_mean(counts)
+    return {
+        "cv_importance": losses.coefficient_of_variation(importance),
+        "cv_load": losses.coefficient_of_variation(counts),
+        "max_mean_load": tf.math.divide_no_nan(tf.reduce_max(counts), mean_count),
+        "zero_expert_fraction": tf.reduce_mean(tf.cast(counts <= 0.0, tf.float32)),
+        "dropped_fraction": tf.cast(dropped_fraction, tf.float32),
+    }
+
+
+STATISTIC_NAMES = (
+    "cv_importance",
+    "cv_load",
+    "max_mean_load",
+    "zero_expert_fraction",
+    "dropped_fraction",
+)
+
+
+def make_routing_metrics(prefix):
+    """One Keras `Mean` metric per routing statistic, named `<prefix>_<stat>`.
+
+    A layer that keeps this list as an attribute has its metrics collected
+    by `Model.metrics`, so they appear in `fit` and `evaluate` logs,
+    averaged over the batches of the epoch.
+    """
+    return [keras.metrics.Mean(name=f"{prefix}_{name}") for name in STATISTIC_NAMES]
+
+
+def update_routing_metrics(metrics, statistics):
+    for name, metric in zip(STATISTIC_NAMES, metrics):
+        metric.update_state(statistics[name])
