@@ -9,8 +9,8 @@ top-k gating) and never materialise anything of size `N * E * d` or
 - `dropless_dispatch`: `tf.dynamic_partition` groups the routed rows by
   expert, each expert runs on exactly its rows, `tf.dynamic_stitch` puts the
   answers back in pair order and `unsorted_segment_sum` adds each token's
-  gated answers. Shapes are dynamic, so it runs in TensorFlow graphs but not
-  under XLA.
+  gated answers. Shapes are data-dependent, so it runs in TensorFlow graphs
+  but not under XLA.
 - `capacity_dispatch`: each expert gets a static buffer of
   `C = ceil(capacity_factor * N * k / E)` rows; pairs beyond an expert's
   capacity are dropped (their contribution is 0). All shapes are static
@@ -44,6 +44,11 @@ def partitioned_apply(rows, group_index, num_groups, fn):
 
 def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens):
     """Every pair reaches its expert; compute follows the number of pairs.
+
+    Rows are grouped by expert with `tf.dynamic_partition`, each expert runs
+    on exactly its own rows, and the answers are put back in pair order.
+    (A padded `[E, max n_e, d]` buffer with one batched matmul was measured
+    slower on CPU, and it grows towards `N * E * d` when routing collapses.)
 
     Args:
         x: `[N, d]` tokens.
@@ -125,14 +130,26 @@ def capacity_dispatch(
         `(y [N, out], dropped_fraction)`, the fraction of valid pairs that
         found their expert full.
     """
-    num_experts = experts.num_experts
     num_pairs_static = expert_index.shape[0]
     num_pairs = num_pairs_static if num_pairs_static is not None else tf.shape(expert_index)[0]
-    capacity = expert_capacity(capacity_factor, num_pairs, num_experts)
+    capacity = expert_capacity(capacity_factor, num_pairs, experts.num_experts)
     if valid is None:
         valid = tf.ones_like(expert_index, dtype=tf.bool)
     if priority is None:
         priority = tf.zeros_like(expert_index)
+    y, keep = _buffered_dispatch(
+        x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority
+    )
+    num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
+    num_dropped = num_valid - tf.reduce_sum(tf.cast(keep, tf.float32))
+    return y, tf.math.divide_no_nan(num_dropped, num_valid)
+
+
+def _buffered_dispatch(
+    x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority
+):
+    """Run experts on an `[E, capacity, d]` buffer; returns `(y, keep)`."""
+    num_experts = experts.num_experts
     position = capacity_positions(expert_index, valid, num_experts, priority)
     keep = tf.logical_and(valid, position < capacity)
     num_slots = num_experts * capacity
@@ -148,8 +165,4 @@ def capacity_dispatch(
     answers = tf.reshape(answers, [num_slots, out])
     answers = tf.concat([answers, tf.zeros([1, out], answers.dtype)], axis=0)
     per_pair = tf.gather(answers, slot) * tf.cast(gate, answers.dtype)[:, None]
-    y = tf.math.unsorted_segment_sum(per_pair, token_index, num_tokens)
-
-    num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
-    num_dropped = num_valid - tf.reduce_sum(tf.cast(keep, tf.float32))
-    return y, tf.math.divide_no_nan(num_dropped, num_valid)
+    return tf.math.unsorted_segment_sum(per_pair, token_index, num_tokens), keep

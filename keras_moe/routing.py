@@ -42,8 +42,8 @@ class GateDecision(NamedTuple):
     load: tf.Tensor
     counts: tf.Tensor
     aux_loss: tf.Tensor
-    clean_logits: Optional[tf.Tensor] = None
-    noise_std: Optional[tf.Tensor] = None
+    clean_logits: tf.Tensor | None = None
+    noise_std: tf.Tensor | None = None
     primary: Optional["GateDecision"] = None
 
 
@@ -76,10 +76,10 @@ class Routing(NamedTuple):
     counts: tf.Tensor
     dropped_fraction: tf.Tensor
     aux_loss: tf.Tensor
-    clean_logits: Optional[tf.Tensor] = None
-    noise_std: Optional[tf.Tensor] = None
-    primary_importance: Optional[tf.Tensor] = None
-    primary_load: Optional[tf.Tensor] = None
+    clean_logits: tf.Tensor | None = None
+    noise_std: tf.Tensor | None = None
+    primary_importance: tf.Tensor | None = None
+    primary_load: tf.Tensor | None = None
 
 
 def routing_statistics(importance, counts, dropped_fraction):
@@ -124,5 +124,5 @@ def make_routing_metrics(prefix):
 
 
 def update_routing_metrics(metrics, statistics):
-    for name, metric in zip(STATISTIC_NAMES, metrics):
+    for name, metric in zip(STATISTIC_NAMES, metrics, strict=False):
         metric.update_state(statistics[name])

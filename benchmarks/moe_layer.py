@@ -1,0 +1,223 @@
+"""Benchmark of the MoE layer against the ideal dense computation.
+
+For each (E, k, T) the script times one forward pass and one forward +
+backward pass of `keras_moe.MoE` (training mode, noisy top-k gating, d=512,
+h=1024 as the paper's language-model experts) and, in the same run, the
+*ideal*: the same useful FLOPs as one dense GEMM pair on `T * k` rows,
+`relu(X W1) W2` with `X: [T*k, d]`. The ratio MoE / ideal says how much the
+routing, dispatch and per-expert loop cost on top of the arithmetic that
+cannot be avoided. Peak memory is the growth of the process's peak resident
+set (VmHWM, reset through /proc/self/clear_refs before each case).
+
+Usage:
+    python benchmarks/moe_layer.py [--quick] [--out benchmarks/results/moe_layer.json]
+
+`--quick` runs a reduced grid (for smoke tests). Results print as a table
+and are written as JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_moe  # noqa: E402
+
+
+def peak_rss_reset():
+    # Writing 5 resets the peak RSS counter (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def timed(fn, repeats):
+    fn()  # trace + first run
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(step_fn, repeats):
+    """Median seconds and peak resident-set growth (MiB) of `step_fn`."""
+    base = rss_kib("VmRSS")
+    peak_rss_reset()
+    seconds = timed(step_fn, repeats)
+    peak = rss_kib("VmHWM")
+    return seconds, max(0.0, (peak - base) / 1024.0)
+
+
+def moe_steps(layer, x):
+    @tf.function
+    def forward():
+        return tf.reduce_sum(layer(x, training=True))
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True)) + tf.add_n(layer.losses)
+        grads = tape.gradient(loss, [x] + layer.trainable_variables)
+        return [tf.reduce_sum(g) for g in grads if g is not None]
+
+    return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()])
+
+
+def ideal_steps(rows, d, h, out):
+    x = tf.random.normal([rows, d])
+    w1 = tf.Variable(tf.random.normal([d, h], stddev=d**-0.5))
+    w2 = tf.Variable(tf.random.normal([h, out], stddev=h**-0.5))
+
+    @tf.function
+    def forward():
+        return tf.reduce_sum(tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2))
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2))
+        return [tf.reduce_sum(g) for g in tape.gradient(loss, [x, w1, w2])]
+
+    return (lambda: forward().numpy()), (lambda: [g.numpy() for g in forward_backward()])
+
+
+def run_case(kind, num_experts, k, tokens, d, h, repeats, groups=None):
+    keras.utils.set_random_seed(0)
+    x = tf.random.normal([tokens, d])
+    if kind == "flat":
+        layer = keras_moe.MoE(num_experts, h, k=k, name="moe")
+        layer.build((None, d))
+        # Random gate weights so that routing is spread as after training
+        # (with the zero init, inference would send everything to k experts).
+        layer.gating.w_gate.assign(np.random.normal(0, 1, (d, num_experts)) / np.sqrt(d))
+        k_total = k
+    else:
+        per_group = num_experts // groups
+        layer = keras_moe.HierarchicalMoE(groups, per_group, h, k_primary=k, k_secondary=k)
+        layer.build((None, d))
+        layer.gating.primary.w_gate.assign(np.random.normal(0, 1, (d, groups)) / np.sqrt(d))
+        layer.gating.w_gate.assign(
+            np.random.normal(0, 1, (groups, d, per_group)) / np.sqrt(d)
+        )
+        k_total = k * k
+    build_start = time.perf_counter()
+    fwd, fwd_bwd = moe_steps(layer, x)
+    fwd()
+    trace_seconds = time.perf_counter() - build_start
+    t_fwd, mem_fwd = measure(fwd, repeats)
+    t_fb, mem_fb = measure(fwd_bwd, repeats)
+    ideal_fwd, ideal_fb = ideal_steps(tokens * k_total, d, h, d)
+    i_fwd, _ = measure(ideal_fwd, repeats)
+    i_fb, _ = measure(ideal_fb, repeats)
+    params = sum(int(np.prod(v.shape)) for v in layer.trainable_variables)
+    flops_fwd = 2 * 2 * tokens * k_total * d * h
+    row = dict(
+        kind=kind, num_experts=num_experts, k=k_total, tokens=tokens, d=d, h=h,
+        groups=groups, params=params, param_mib=params * 4 / 2**20,
+        dense_te_d_buffer_mib=tokens * num_experts * d * 4 / 2**20,
+        forward_s=t_fwd, forward_backward_s=t_fb,
+        ideal_forward_s=i_fwd, ideal_forward_backward_s=i_fb,
+        ratio_forward=t_fwd / i_fwd, ratio_forward_backward=t_fb / i_fb,
+        gflops_forward=flops_fwd / t_fwd / 1e9,
+        peak_mib_forward=mem_fwd, peak_mib_forward_backward=mem_fb,
+        first_call_s=trace_seconds,
+    )
+    del layer, fwd, fwd_bwd
+    return row
+
+
+def print_table(rows):
+    header = (
+        f"{'kind':5} {'E':>5} {'k':>2} {'T':>5} {'h':>5} {'fwd s':>7} {'ideal':>7} "
+        f"{'ratio':>5} {'f+b s':>7} {'ideal':>7} {'ratio':>5} {'GF/s':>6} {'peakMiB':>8} "
+        f"{'paramMiB':>8} {'TEd MiB':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['kind']:5} {r['num_experts']:>5} {r['k']:>2} {r['tokens']:>5} {r['h']:>5} "
+            f"{r['forward_s']:7.3f} {r['ideal_forward_s']:7.3f} {r['ratio_forward']:5.2f} "
+            f"{r['forward_backward_s']:7.3f} {r['ideal_forward_backward_s']:7.3f} "
+            f"{r['ratio_forward_backward']:5.2f} {r['gflops_forward']:6.1f} "
+            f"{r['peak_mib_forward_backward']:8.0f} {r['param_mib']:8.0f} "
+            f"{r['dense_te_d_buffer_mib']:8.0f}",
+            flush=True,
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small grid for a smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/moe_layer.json")
+    parser.add_argument("--only", choices=["flat", "hier"], default=None)
+    args = parser.parse_args(argv)
+
+    d, h = 512, 1024
+    if args.quick:
+        d, h = 64, 128
+        flat = [(e, k, t) for e in (4, 64) for k in (1, 2) for t in (256,)]
+        hier = [(64, 2, 256, 4)]
+    else:
+        flat = [(e, k, t) for t in (2048, 8192) for k in (1, 2, 4) for e in (4, 32, 256, 1024)]
+        # 4096 experts of h=1024 would hold 17 GB of weights (and as much
+        # gradient): more than this 24 GB machine; the hierarchical rows use
+        # h=256 so the three sizes fit and compare with each other.
+        hier = [(e, 2, 8192, 16) for e in (256, 1024, 4096)]
+    rows = []
+    if args.only in (None, "flat"):
+        for e, k, t in flat:
+            rows.append(run_case("flat", e, k, t, d, h, args.repeats))
+            print_table(rows[-1:]) if len(rows) > 1 else print_table(rows)
+    if args.only in (None, "hier"):
+        hier_h = h if args.quick else 256
+        for e, k, t, g in hier:
+            rows.append(run_case("hier", e, k, t, d, hier_h, args.repeats, groups=g))
+            print_table(rows[-1:])
+    print()
+    print_table(rows)
+    result = dict(
+        benchmark="moe_layer",
+        machine=dict(
+            platform=platform.platform(), processor=platform.processor(),
+            cpu_count=os.cpu_count(), python=sys.version.split()[0],
+            tensorflow=tf.__version__, keras=keras.__version__,
+        ),
+        repeats=args.repeats,
+        rows=rows,
+    )
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
