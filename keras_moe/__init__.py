@@ -10,6 +10,7 @@ from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
 from keras_moe.moe import MoE
+from keras_moe.monitoring import RoutingMonitor
 from keras_moe.routing import GateDecision, Routing
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = [
     "MoE",
     "NoisyTopKGating",
     "Routing",
+    "RoutingMonitor",
     "losses",
 ]

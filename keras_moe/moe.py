@@ -52,6 +52,8 @@ class SparseMoEBase(keras.layers.Layer):
         # compile; this keeps `compile(jit_compile="auto")` off XLA.
         self.supports_jit = self.capacity_factor is not None
         self.routing_metrics = make_routing_metrics(self.name)
+        # Set by `keras_moe.RoutingMonitor` while it watches this layer.
+        self.routing_accumulators = None
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -125,9 +127,24 @@ class SparseMoEBase(keras.layers.Layer):
                     decision.primary.importance, decision.primary.counts, tf.zeros([])
                 ),
             )
+        if training and self.routing_accumulators is not None:
+            self._accumulate_routing(decision, dropped)
         if not return_routing:
             return y
         return y, self._routing(decision, dropped, lead_shape, kept, weight, num_tokens)
+
+    def _accumulate_routing(self, decision, dropped):
+        # `keras_moe.RoutingMonitor` sets `routing_accumulators` to a dict of
+        # tf.Variables and reads per-expert sums over its window from them.
+        acc = self.routing_accumulators
+        pairs = tf.reduce_sum(decision.counts)
+        acc["importance"].assign_add(decision.importance)
+        acc["counts"].assign_add(decision.counts)
+        acc["pairs"].assign_add(pairs)
+        acc["dropped_pairs"].assign_add(tf.cast(dropped, tf.float32) * pairs)
+        if decision.primary is not None:
+            acc["primary_importance"].assign_add(decision.primary.importance)
+            acc["primary_counts"].assign_add(decision.primary.counts)
 
     def _pair_priority(self, decision):
         # Top-k pairs are laid out [N, k]; serving every token's first

@@ -1,0 +1,477 @@
+"""Routing observability: per-expert load in TensorBoard and a collapse alarm.
+
+A router can collapse onto a few experts while the training loss looks fine
+(Shazeer et al. 2017, Section 4 and Table 6). `RoutingMonitor` sums each MoE
+layer's routing over a window of training batches and writes what it saw to
+TensorBoard: per-expert load and importance (histograms and sorted bar
+charts) and the scalars that reveal a collapse. When a collapse persists it
+raises an alarm (log warning, TensorBoard text, `RoutingMonitor.alarms`)
+and can stop training.
+
+The sums are taken inside the traced train step by the layer itself: while
+`layer.routing_accumulators` is a dict of `tf.Variable`s, every training call
+of `SparseMoEBase` adds its batch's importance, counts, routed and dropped
+pairs to them. The callback owns the variables, reads them every
+`every_n_steps` steps and resets them at the start of each window.
+"""
+
+import logging
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+
+from keras_moe.hierarchical import HierarchicalMoE
+from keras_moe.moe import SparseMoEBase
+
+logger = logging.getLogger(__name__)
+
+BAR_COLOR = (31, 119, 180)
+MEAN_COLOR = (214, 39, 40)
+
+
+def find_moe_layers(model):
+    """Every `SparseMoEBase` layer of `model`, nested models and layers included."""
+    # `_flatten_layers` walks sublayers of custom layers too, which the public
+    # `Model.layers` (top level only) does not.
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, SparseMoEBase)
+    ]
+
+
+def top_count(num_experts, top_fraction):
+    """How many experts are "the busiest `top_fraction`": `ceil(f * E)`, at least 1."""
+    return max(1, math.ceil(top_fraction * num_experts - 1e-9))
+
+
+def window_statistics(importance, counts, top_fraction=0.1):
+    """Balance statistics of one window's summed routing, in float64 NumPy.
+
+    Args:
+        importance: `[E]`, summed gate values per expert.
+        counts: `[E]`, tokens routed to each expert (before capacity drops).
+        top_fraction: float in (0, 1], see `top_share`.
+
+    Returns:
+        dict of floats:
+        - `cv_importance`, `cv_load`: `std / mean` (population std) of
+          importance and of counts (0 for an all-zero vector);
+        - `max_mean_load`: `max(counts) / mean(counts)`;
+        - `dead_experts`: experts that received no token in the window, and
+          `dead_fraction`, the same divided by `E`;
+        - `top_share`: share of the routed (token, expert) pairs taken by the
+          `ceil(top_fraction * E)` busiest experts (at least one);
+        - `router_entropy`: Shannon entropy of the load distribution
+          `p_i = counts_i / sum(counts)`, divided by `log E` so that 1 means
+          an even spread and 0 everything on one expert (1 when `E == 1`).
+
+    Example:
+
+    >>> s = window_statistics(importance=[3.0, 1.0, 0.0, 0.0], counts=[6, 2, 0, 0])
+    >>> s["max_mean_load"], s["dead_experts"], s["top_share"]
+    (3.0, 2.0, 0.75)
+    """
+    importance = np.asarray(importance, np.float64)
+    counts = np.asarray(counts, np.float64)
+    num_experts = counts.shape[0]
+    total = counts.sum()
+    mean = total / num_experts
+    probs = counts / total if total > 0 else np.zeros_like(counts)
+    nonzero = probs[probs > 0]
+    entropy = float(-np.sum(nonzero * np.log(nonzero)))
+    top = np.sort(counts)[::-1][: top_count(num_experts, top_fraction)]
+    dead = int(np.sum(counts <= 0))
+    return {
+        "cv_importance": _cv(importance),
+        "cv_load": _cv(counts),
+        "max_mean_load": float(counts.max() / mean) if mean > 0 else 0.0,
+        "dead_experts": float(dead),
+        "dead_fraction": dead / num_experts,
+        "top_share": float(top.sum() / total) if total > 0 else 0.0,
+        "router_entropy": entropy / math.log(num_experts) if num_experts > 1 else 1.0,
+    }
+
+
+def _cv(v):
+    mean = v.mean()
+    return float(v.std() / mean) if mean > 0 else 0.0
+
+
+def sorted_bar_chart(values, height=64, max_columns=256):
+    """Experts' values sorted in decreasing order, drawn as bars: uint8 `[H, W, 3]`.
+
+    Each of the `E` experts gets a bar of `max(1, max_columns // E)` pixels;
+    with more than `max_columns` experts, consecutive ranks are averaged into
+    `max_columns` bars. Bar heights are relative to the largest value; a red
+    line marks the mean (every expert's fair share).
+
+    Example:
+
+    >>> sorted_bar_chart([1.0, 3.0, 2.0]).shape  # 3 bars of 256 // 3 pixels
+    (64, 255, 3)
+    """
+    values = np.sort(np.asarray(values, np.float64))[::-1]
+    mean = values.mean() if values.size else 0.0
+    if values.size > max_columns:
+        values = np.array([chunk.mean() for chunk in np.array_split(values, max_columns)])
+    bar_width = max(1, max_columns // values.size)
+    image = np.full((height, values.size * bar_width, 3), 255, np.uint8)
+    top = values.max()
+    if top <= 0:
+        return image
+    bar_heights = np.round(values / top * height).astype(int)
+    rows = np.arange(height)[:, None]
+    filled = rows >= height - np.repeat(bar_heights, bar_width)[None, :]
+    image[filled] = BAR_COLOR
+    mean_row = min(height - 1, max(0, height - int(round(mean / top * height))))
+    image[mean_row, :] = MEAN_COLOR
+    return image
+
+
+def _per_expert_histogram(values):
+    """Histogram-plugin tensor with one bucket `[i, i + 1)` per expert."""
+    values = np.asarray(values, np.float64)
+    edges = np.arange(values.shape[0], dtype=np.float64)
+    return np.stack([edges, edges + 1.0, values], axis=1)
+
+
+def _validate_threshold(name, value, low, high=None):
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and value >= low and (high is None or value < high)
+    if not ok:
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(
+            f"`{name}` must be None (criterion off) or a number {bound}. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def _validate_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+    return value
+
+
+class RoutingMonitor(keras.callbacks.Callback):
+    """Write MoE routing statistics to TensorBoard and raise a collapse alarm.
+
+    For every MoE layer of the model (`MoE`, `HierarchicalMoE`, found
+    recursively through nested models and layers), the callback sums the
+    routing of the last `window` training batches and, every `every_n_steps`
+    steps, writes to `<log_dir>/routing` (a TensorBoard run of its own next
+    to Keras' `train` and `validation`), under the layer's name:
+
+    - `<layer>/load_per_expert`, `<layer>/importance_per_expert`: histograms
+      with one bucket `[i, i + 1)` per expert `i`, whose height is the
+      expert's token count (load) or summed gate values (importance, Eq. 6):
+      the histogram is the distribution of the window's routing across
+      experts.
+    - `<layer>/load_sorted`, `<layer>/importance_sorted`: bar-chart images
+      of the same vectors sorted in decreasing order; the red line is the
+      mean.
+    - scalars `<layer>/cv_importance`, `cv_load`, `max_mean_load` (Table 6),
+      `dead_experts` (experts without a token in the window), `top_share`
+      (share of routed pairs taken by the busiest `top_fraction` of the
+      experts, at least one), `router_entropy` (entropy of the load
+      distribution divided by `log E`: 1 is an even spread, 0 a single
+      expert), `collapsed` (1 when a collapse criterion holds in this
+      window), and `dropped_fraction` (pairs dropped by the capacity limit)
+      for layers with a `capacity_factor`.
+    - for `HierarchicalMoE`, the same for the first level (groups), from
+      the primary gate: `<layer>/primary_<statistic>`.
+    - `<layer>/collapse_alarm` (text) when an alarm is raised.
+
+    A window is collapsed when any enabled criterion holds: the fraction of
+    dead experts is above `dead_fraction_threshold`, the max/mean load is
+    above `max_mean_threshold`, or the top share is above
+    `top_share_threshold` (checked at both levels of a hierarchical layer).
+    After `patience` collapsed windows in a row the callback raises one
+    alarm for the layer: a warning on the `keras_moe.monitoring` logger, the
+    text summary, an entry in `self.alarms` (a dict with `step`, `layer`,
+    `reasons` and `statistics`), and, with `stop_on_collapse=True`,
+    `model.stop_training = True` (the log directory is left as it is). The
+    alarm is raised again only after a healthy window. `patience > 1` lets
+    a run that starts unbalanced (e.g. a biased gate the balancing losses
+    are correcting) recover before the alarm.
+
+    Steps count training batches from `optimizer.iterations` at the start
+    of `fit`, so a second `fit` continues the axis (and, on a first `fit`,
+    the steps match the batch steps of Keras' `TensorBoard` callback).
+    Batches after the last multiple of `every_n_steps` are not written.
+    With `steps_per_execution > 1` windows start and end on execution
+    boundaries. The layer only sums routing in training calls; validation
+    batches are not counted.
+
+    Args:
+        log_dir: directory of the run; summaries go to `<log_dir>/routing`.
+        every_n_steps: int >= 1, write (and check for collapse) every this
+            many training steps.
+        window: int in `[1, every_n_steps]`, the number of most recent
+            training batches summed for each write; None means
+            `every_n_steps` (every batch is counted).
+        dead_fraction_threshold: float in [0, 1) or None (off).
+        max_mean_threshold: float >= 1 or None (off). A load spread over
+            `E` experts with `k` per token has max/mean at most `E / k`.
+        top_share_threshold: float in [0, 1) or None (off).
+        patience: int >= 1, consecutive collapsed windows before the alarm.
+        stop_on_collapse: bool, stop training when an alarm is raised.
+        top_fraction: float in (0, 1], the "busiest experts" of `top_share`.
+        image_height: int >= 8, height in pixels of the bar-chart images.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((16,))
+    outputs = keras_moe.MoE(num_experts=8, expert_hidden_dim=32, k=2)(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="mse")
+    monitor = keras_moe.RoutingMonitor("logs/run1", every_n_steps=100)
+    model.fit(x, y, callbacks=[monitor, keras.callbacks.TensorBoard("logs/run1")])
+    monitor.alarms  # [] unless a layer collapsed
+    ```
+    """
+
+    def __init__(
+        self,
+        log_dir,
+        every_n_steps=100,
+        window=None,
+        dead_fraction_threshold=0.25,
+        max_mean_threshold=3.0,
+        top_share_threshold=0.5,
+        patience=1,
+        stop_on_collapse=False,
+        top_fraction=0.1,
+        image_height=64,
+    ):
+        super().__init__()
+        if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
+            raise ValueError(f"`log_dir` must be a non-empty path. Received: log_dir={log_dir!r}")
+        self.log_dir = os.fspath(log_dir)
+        self.every_n_steps = _validate_int("every_n_steps", every_n_steps, 1)
+        if window is None:
+            window = every_n_steps
+        if _validate_int("window", window, 1) > every_n_steps:
+            raise ValueError(
+                f"`window` must be <= every_n_steps={every_n_steps}. Received: window={window}"
+            )
+        self.window = window
+        self.dead_fraction_threshold = _validate_threshold(
+            "dead_fraction_threshold", dead_fraction_threshold, 0.0, 1.0
+        )
+        self.max_mean_threshold = _validate_threshold("max_mean_threshold", max_mean_threshold, 1.0)
+        self.top_share_threshold = _validate_threshold(
+            "top_share_threshold", top_share_threshold, 0.0, 1.0
+        )
+        self.patience = _validate_int("patience", patience, 1)
+        self.stop_on_collapse = bool(stop_on_collapse)
+        if (
+            isinstance(top_fraction, bool)
+            or not isinstance(top_fraction, (int, float))
+            or not 0 < top_fraction <= 1
+        ):
+            raise ValueError(
+                f"`top_fraction` must be a number in (0, 1]. Received: top_fraction={top_fraction!r}"
+            )
+        self.top_fraction = float(top_fraction)
+        self.image_height = _validate_int("image_height", image_height, 8)
+        self.alarms = []
+        self._layers = {}  # tag prefix -> layer
+        self._accumulators = {}  # tag prefix -> dict of tf.Variable
+        self._streaks = {}
+        self._writer = None
+        self._step = 0
+
+    # --- Keras callback hooks ----------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        layers = find_moe_layers(self.model)
+        if not layers:
+            raise ValueError(
+                "RoutingMonitor found no MoE layer (keras_moe.MoE or HierarchicalMoE) "
+                f"in the model {self.model.name!r}."
+            )
+        self._layers = {}
+        for layer in layers:
+            name, n = layer.name, 1
+            while name in self._layers:
+                n += 1
+                name = f"{layer.name}_{n}"
+            self._layers[name] = layer
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with strategy.scope():
+            self._accumulators = {
+                name: self._make_accumulators(layer) for name, layer in self._layers.items()
+            }
+        for name, layer in self._layers.items():
+            layer.routing_accumulators = self._accumulators[name]
+        # A train function traced before the accumulators existed would not
+        # update them: build a fresh one (it is traced on its first call).
+        self.model.make_train_function(force=True)
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "routing"))
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        self._step = int(iterations.numpy()) if iterations is not None else self._step
+        self._epoch_base = self._step
+        self._next_write = self._step + self.every_n_steps
+        self._window_open = False
+        self._streaks = {name: 0 for name in self._layers}
+        self._silent = set()  # layers already warned about for an empty window
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_base = self._step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        first_step = self._epoch_base + batch + 1
+        if not self._window_open and first_step > self._next_write - self.window:
+            self._reset()
+            self._window_open = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._epoch_base + batch + 1
+        if self._step < self._next_write:
+            return
+        while self._next_write <= self._step:
+            self._next_write += self.every_n_steps
+        self._window_open = False
+        self._write_window(self._step)
+
+    def on_train_end(self, logs=None):
+        for layer in self._layers.values():
+            layer.routing_accumulators = None
+        # Later fits without this callback should not keep adding to the sums.
+        self.model.make_train_function(force=True)
+        if self._writer is not None:
+            self._writer.flush()
+
+    # --- internals -----------------------------------------------------------
+
+    def _make_accumulators(self, layer):
+        def variable(size, name):
+            shape = [] if size is None else [size]
+            return tf.Variable(
+                tf.zeros(shape, tf.float32),
+                trainable=False,
+                name=f"{layer.name}_routing_{name}",
+                # Each replica sums its own batches; reading adds them up.
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
+
+        acc = {
+            "importance": variable(layer.num_experts, "importance"),
+            "counts": variable(layer.num_experts, "counts"),
+            "pairs": variable(None, "pairs"),
+            "dropped_pairs": variable(None, "dropped_pairs"),
+        }
+        if isinstance(layer, HierarchicalMoE):
+            acc["primary_importance"] = variable(layer.num_groups, "primary_importance")
+            acc["primary_counts"] = variable(layer.num_groups, "primary_counts")
+        return acc
+
+    def _reset(self):
+        for acc in self._accumulators.values():
+            for v in acc.values():
+                v.assign(tf.zeros_like(v))
+
+    def _write_window(self, step):
+        with self._writer.as_default(step=step):
+            for name, layer in self._layers.items():
+                acc = {key: v.read_value().numpy() for key, v in self._accumulators[name].items()}
+                if acc["pairs"] <= 0:
+                    if name in self._silent:
+                        continue
+                    self._silent.add(name)
+                    logger.warning(
+                        "RoutingMonitor: no routing was recorded for layer %r in the window "
+                        "ending at step %d (every position masked, or the layer lacks the "
+                        "`routing_accumulators` hook).", name, step,
+                    )
+                    continue
+                reasons, statistics = self._write_level(name, "", acc["importance"], acc["counts"])
+                if layer.capacity_factor is not None:
+                    dropped = float(acc["dropped_pairs"] / acc["pairs"])
+                    tf.summary.scalar(f"{name}/dropped_fraction", dropped)
+                    statistics["dropped_fraction"] = dropped
+                if "primary_counts" in acc:
+                    primary_reasons, primary_stats = self._write_level(
+                        name, "primary_", acc["primary_importance"], acc["primary_counts"]
+                    )
+                    reasons += [f"primary level: {r}" for r in primary_reasons]
+                    statistics.update({f"primary_{k}": v for k, v in primary_stats.items()})
+                tf.summary.scalar(f"{name}/collapsed", float(bool(reasons)))
+                self._update_alarm(name, step, reasons, statistics)
+        self._writer.flush()
+
+    def _write_level(self, name, prefix, importance, counts):
+        stats = window_statistics(importance, counts, self.top_fraction)
+        tag = f"{name}/{prefix}"
+        for key in (
+            "cv_importance", "cv_load", "max_mean_load", "dead_experts", "top_share",
+            "router_entropy",
+        ):
+            tf.summary.scalar(tag + key, stats[key])
+        for key, values in (("load", counts), ("importance", importance)):
+            tf.summary.write(
+                tag + f"{key}_per_expert",
+                tf.constant(_per_expert_histogram(values)),
+                metadata=histogram_metadata.create_summary_metadata(
+                    display_name=tag + f"{key}_per_expert",
+                    description=f"{key} of each expert i, as the bucket [i, i + 1)",
+                ),
+            )
+            image = sorted_bar_chart(values, height=self.image_height)
+            tf.summary.image(tag + f"{key}_sorted", image[None])
+        return self._collapse_reasons(stats), stats
+
+    def _collapse_reasons(self, stats):
+        reasons = []
+        if self.dead_fraction_threshold is not None:
+            if stats["dead_fraction"] > self.dead_fraction_threshold:
+                reasons.append(
+                    f"{int(stats['dead_experts'])} experts got no token (fraction "
+                    f"{stats['dead_fraction']:.3f} > dead_fraction_threshold="
+                    f"{self.dead_fraction_threshold})"
+                )
+        if self.max_mean_threshold is not None:
+            if stats["max_mean_load"] > self.max_mean_threshold:
+                reasons.append(
+                    f"max/mean load {stats['max_mean_load']:.3f} > max_mean_threshold="
+                    f"{self.max_mean_threshold}"
+                )
+        if self.top_share_threshold is not None:
+            if stats["top_share"] > self.top_share_threshold:
+                reasons.append(
+                    f"the busiest {self.top_fraction:.0%} of experts took "
+                    f"{stats['top_share']:.3f} of the load > top_share_threshold="
+                    f"{self.top_share_threshold}"
+                )
+        return reasons
+
+    def _update_alarm(self, name, step, reasons, statistics):
+        if not reasons:
+            self._streaks[name] = 0
+            return
+        self._streaks[name] += 1
+        if self._streaks[name] != self.patience:
+            return
+        windows = f"{self.patience} windows" if self.patience > 1 else "the window"
+        message = (
+            f"Routing collapse in MoE layer {name!r} at step {step} "
+            f"(over {windows} of {self.window} steps): " + "; ".join(reasons)
+        )
+        logger.warning(message)
+        tf.summary.text(f"{name}/collapse_alarm", message)
+        self.alarms.append(
+            {"step": step, "layer": name, "reasons": list(reasons), "statistics": statistics}
+        )
+        if self.stop_on_collapse:
+            self.model.stop_training = True

@@ -1,0 +1,153 @@
+"""Tests of keras_moe.models.lm.moe_lstm_language_model (tiny sizes, CPU)."""
+
+import keras
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import keras_moe
+from keras_moe.models.lm import moe_lstm_language_model
+
+V, D, E, H, K = 30, 8, 4, 6, 2
+
+
+def tiny(**kwargs):
+    args = dict(model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3)
+    args.update(kwargs)
+    return moe_lstm_language_model(V, **args)
+
+
+def randomize_gating(model, seed=0):
+    """Non-zero gating weights (they start at zero), so routing depends on the input."""
+    gating = model.get_layer("moe").gating
+    gating.w_gate.assign(np.random.default_rng(seed).normal(size=gating.w_gate.shape) * 2.0)
+
+
+TOKENS = np.array([[5, 9, 2, 17, 1, 29, 3], [4, 4, 4, 8, 2, 11, 6]], np.int32)
+
+
+def test_output_shape_and_dtype():
+    model = tiny()
+    logits = model(TOKENS, training=False)
+    assert tuple(logits.shape) == (2, 7, V)
+    assert np.isfinite(np.asarray(logits)).all()
+    assert tuple(model(TOKENS[:, :3], training=False).shape) == (2, 3, V)
+
+
+def test_has_moe_layer_with_requested_configuration():
+    model = tiny(importance_weight=0.3, load_weight=0.2)
+    moe = model.get_layer("moe")
+    assert isinstance(moe, keras_moe.MoE)
+    assert (moe.num_experts, moe.k, moe.expert_hidden_dim) == (E, K, H)
+    assert (moe.importance_weight, moe.load_weight) == (0.3, 0.2)
+    assert sum(isinstance(layer, keras_moe.MoE) for layer in model.layers) == 1
+
+
+def test_moe_parameter_count_matches_formula():
+    model = tiny()
+    model(TOKENS[:, :2], training=False)
+    experts = E * (D * H + H + H * D + D)
+    gating = 2 * D * E  # w_gate and w_noise, d x E each
+    assert model.get_layer("moe").count_params() == experts + gating == 4 * 110 + 64
+
+
+def test_whole_model_parameter_count_matches_formula():
+    model = tiny()
+    embedding = V * D
+    lstm = 4 * (D * D + D * D + D)  # input, recurrent kernels and bias per gate
+    moe = E * (D * H + H + H * D + D) + 2 * D * E
+    softmax = D * V + V
+    assert model.count_params() == embedding + 2 * lstm + moe + softmax
+
+
+def test_dense_baseline_has_no_moe_and_k_times_hidden_units():
+    model = tiny(moe=False)
+    assert not any(isinstance(layer, keras_moe.MoE) for layer in model.layers)
+    with pytest.raises(ValueError):
+        model.get_layer("moe")
+    assert model.get_layer("ffn_in").units == K * H
+    assert model.get_layer("ffn_out").units == D
+    model(TOKENS[:, :2], training=False)
+    # Same per-token compute as k experts of width H: d*kH + kH + kH*d + d.
+    ffn = model.get_layer("ffn_in").count_params() + model.get_layer("ffn_out").count_params()
+    assert ffn == D * K * H + K * H + K * H * D + D
+    assert tuple(model(TOKENS, training=False).shape) == (2, 7, V)
+
+
+def test_padding_positions_are_not_routed():
+    model = tiny()
+    randomize_gating(model)
+    moe = model.get_layer("moe")
+    seen = []
+    original_call = moe.call
+
+    def spy(inputs, training=None, mask=None):
+        y, routing = original_call(inputs, training=training, mask=mask, return_routing=True)
+        seen.append((mask, routing))
+        return y
+
+    moe.call = spy
+    tokens = np.array([[7, 3, 12, 0, 0], [9, 0, 0, 0, 0], [4, 5, 6, 7, 8]], np.int32)
+    model(tokens, training=False)
+    assert len(seen) == 1
+    mask, routing = seen[0]
+    assert mask is not None, "the embedding's padding mask does not reach the MoE layer"
+    real = tokens != 0
+    assert_array_equal(np.asarray(mask), real)
+    indices = np.asarray(routing.expert_indices)
+    assert (indices[~real] == -1).all()
+    assert ((indices[real] >= 0) & (indices[real] < E)).all()
+    assert_allclose(np.asarray(routing.gates)[~real], 0.0)
+    # 9 real positions, k = 2 experts each.
+    assert float(np.sum(routing.counts)) == 9 * K
+
+
+def test_trailing_padding_does_not_change_real_positions():
+    model = tiny()
+    randomize_gating(model)
+    short = np.array([[7, 3, 12], [9, 1, 2]], np.int32)
+    padded = np.concatenate([short, np.zeros((2, 4), np.int32)], axis=1)
+    a = np.asarray(model(short, training=False))
+    b = np.asarray(model(padded, training=False))
+    assert_allclose(b[:, :3], a, rtol=1e-5, atol=1e-6)
+
+
+def test_training_adds_the_balancing_loss():
+    model = tiny()
+    model(TOKENS, training=True)
+    assert len(model.losses) == 1
+    assert np.isfinite(float(model.losses[0])) and float(model.losses[0]) >= 0.0
+
+
+def test_keras_save_and_reload_predicts_identically(tmp_path):
+    model = tiny()
+    randomize_gating(model)
+    before = np.asarray(model(TOKENS, training=False))
+    path = tmp_path / "lm.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("moe"), keras_moe.MoE)
+    assert_array_equal(
+        np.asarray(loaded.get_layer("moe").gating.w_gate),
+        np.asarray(model.get_layer("moe").gating.w_gate),
+    )
+    after = np.asarray(loaded(TOKENS, training=False))
+    assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_size", [1, 0, -5, 2.5, "100", None])
+def test_invalid_vocab_size_is_named(vocab_size):
+    with pytest.raises(ValueError, match="vocab_size"):
+        moe_lstm_language_model(vocab_size, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K)
+
+
+@pytest.mark.parametrize("dropout", [1.0, 1.5, -0.1])
+def test_invalid_dropout_is_named(dropout):
+    with pytest.raises(ValueError, match="dropout"):
+        moe_lstm_language_model(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
+                                dropout=dropout)
+
+
+def test_invalid_moe_arguments_are_named():
+    with pytest.raises(ValueError, match="`k`"):
+        moe_lstm_language_model(V, model_dim=D, num_experts=2, expert_hidden_dim=H, k=3)
