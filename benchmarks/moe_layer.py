@@ -192,13 +192,40 @@ def print_table(rows):
         )
 
 
+def markdown_table(rows):
+    """The rows as a Markdown table (for docs/performance.md)."""
+    lines = [
+        "| kind | E | k | T | h | fwd s | ideal fwd s | fwd ratio | weight-read floor s "
+        "| fwd / max(ideal, floor) | fwd+bwd s | ideal fwd+bwd s | fwd+bwd ratio "
+        "| peak MiB (step) | params MiB | T·E·d MiB (never built) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['num_experts']} | {r['k']} | {r['tokens']} | {r['h']} "
+            f"| {r['forward_s']:.3f} | {r['ideal_forward_s']:.3f} | {r['ratio_forward']:.2f} "
+            f"| {r['weight_read_floor_s']:.3f} | {r['ratio_forward_to_floor']:.2f} "
+            f"| {r['forward_backward_s']:.3f} | {r['ideal_forward_backward_s']:.3f} "
+            f"| {r['ratio_forward_backward']:.2f} | {r['peak_mib_forward_backward']:.0f} "
+            f"| {r['param_mib']:.0f} | {r['dense_te_d_buffer_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small grid for a smoke run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/moe_layer.json")
     parser.add_argument("--only", choices=["flat", "hier"], default=None)
+    parser.add_argument(
+        "--markdown", metavar="JSON", help="print the Markdown table of a results file and exit"
+    )
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return None
 
     d, h = 512, 1024
     if args.quick:

@@ -5,7 +5,6 @@ import tensorflow as tf
 
 from keras_moe import losses
 from keras_moe.dispatch import partitioned_apply
-from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating, top_k_gates, validate_common
 from keras_moe.moe import SparseMoEBase
 from keras_moe.routing import GateDecision, make_routing_metrics
@@ -251,52 +250,28 @@ class HierarchicalMoE(SparseMoEBase):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
-            raise ValueError(
-                "`expert_hidden_dim` must be an integer >= 1. "
-                f"Received: expert_hidden_dim={expert_hidden_dim}"
-            )
         self.gating = HierarchicalGating(
             num_groups, experts_per_group, k_primary, k_secondary, gating,
             importance_weight, load_weight, noise_epsilon, seed=seed, name="gating",
         )
+        self._init_base(
+            num_groups * experts_per_group, expert_hidden_dim, output_dim, gating,
+            importance_weight, load_weight, noise_epsilon, capacity_factor,
+            expert_activation, use_bias, seed,
+        )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
-        self.num_experts = num_groups * experts_per_group
-        self.expert_hidden_dim = expert_hidden_dim
         self.k_primary = k_primary
         self.k_secondary = k_secondary
         self.k = k_primary * k_secondary
-        self.output_dim = output_dim
-        self.gating_type = gating
-        self.importance_weight = float(importance_weight)
-        self.load_weight = float(load_weight)
-        self.noise_epsilon = float(noise_epsilon)
-        self.expert_activation = expert_activation
-        self.use_bias = bool(use_bias)
-        self.seed = seed
-        self._init_base(capacity_factor)
         self.primary_routing_metrics = make_routing_metrics(f"{self.name}_primary")[:4]
-        self.experts = FeedForwardExperts(
-            self.num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
-            seed=seed, dtype=self.dtype_policy, name="experts",
-        )
 
     def get_config(self):
         config = {
             "num_groups": self.num_groups,
             "experts_per_group": self.experts_per_group,
-            "expert_hidden_dim": self.expert_hidden_dim,
             "k_primary": self.k_primary,
             "k_secondary": self.k_secondary,
-            "output_dim": self.output_dim,
-            "gating": self.gating_type,
-            "importance_weight": self.importance_weight,
-            "load_weight": self.load_weight,
-            "noise_epsilon": self.noise_epsilon,
-            "capacity_factor": self.capacity_factor,
-            "expert_activation": self.expert_activation,
-            "use_bias": self.use_bias,
-            "seed": self.seed,
+            **self._base_config(),
         }
         return {**super().get_config(), **config}

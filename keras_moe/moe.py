@@ -40,12 +40,31 @@ def _scatter_rows(rows, index, num_rows, fill):
 class SparseMoEBase(keras.layers.Layer):
     """Shared call path of `MoE` and `HierarchicalMoE` (not public).
 
-    Subclasses set `self.gating` (a layer returning a `GateDecision` over
-    `self.total_experts` experts), `self.experts`, `self.k_total`,
-    `self.capacity_factor` and `self.output_dim` in `__init__`.
+    Subclasses call `_init_base` (shared arguments, the experts, metrics) and
+    set `self.gating`, a layer returning a `GateDecision` over
+    `self.num_experts` experts, and `self.k` in `__init__`.
     """
 
-    def _init_base(self, capacity_factor):
+    def _init_base(
+        self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
+        load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
+    ):
+        """Validate and store the arguments both layers share; create the experts."""
+        if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
+            raise ValueError(
+                "`expert_hidden_dim` must be an integer >= 1. "
+                f"Received: expert_hidden_dim={expert_hidden_dim}"
+            )
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.output_dim = output_dim
+        self.gating_type = gating
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.noise_epsilon = float(noise_epsilon)
+        self.expert_activation = expert_activation
+        self.use_bias = bool(use_bias)
+        self.seed = seed
         self.capacity_factor = validate_capacity_factor(capacity_factor)
         self.supports_masking = True
         # Dropless dispatch has data-dependent shapes, which XLA cannot
@@ -54,6 +73,24 @@ class SparseMoEBase(keras.layers.Layer):
         self.routing_metrics = make_routing_metrics(self.name)
         # Set by `keras_moe.RoutingMonitor` while it watches this layer.
         self.routing_accumulators = None
+        self.experts = FeedForwardExperts(
+            num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
+            seed=seed, dtype=self.dtype_policy, name="experts",
+        )
+
+    def _base_config(self):
+        return {
+            "expert_hidden_dim": self.expert_hidden_dim,
+            "output_dim": self.output_dim,
+            "gating": self.gating_type,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "noise_epsilon": self.noise_epsilon,
+            "capacity_factor": self.capacity_factor,
+            "expert_activation": self.expert_activation,
+            "use_bias": self.use_bias,
+            "seed": self.seed,
+        }
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -281,24 +318,12 @@ class MoE(SparseMoEBase):
                 f"`gating` must be one of {', '.join(map(repr, GATING_TYPES))}. "
                 f"Received: gating={gating!r}"
             )
-        if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
-            raise ValueError(
-                "`expert_hidden_dim` must be an integer >= 1. "
-                f"Received: expert_hidden_dim={expert_hidden_dim}"
-            )
-        self.num_experts = num_experts
-        self.expert_hidden_dim = expert_hidden_dim
+        self._init_base(
+            num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
+            load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
+        )
         self.k = k
-        self.output_dim = output_dim
-        self.gating_type = gating
-        self.importance_weight = float(importance_weight)
-        self.load_weight = float(load_weight)
-        self.noise_epsilon = float(noise_epsilon)
-        self.expert_activation = expert_activation
-        self.use_bias = bool(use_bias)
         self.threshold_weight = float(threshold_weight)
-        self.seed = seed
-        self._init_base(capacity_factor)
         if gating == "batchwise":
             self.gating = BatchwiseGating(
                 num_experts, k, importance_weight, load_weight, threshold_weight,
@@ -309,25 +334,12 @@ class MoE(SparseMoEBase):
                 num_experts, k, gating, importance_weight, load_weight, noise_epsilon,
                 seed=seed, name="gating",
             )
-        self.experts = FeedForwardExperts(
-            num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
-            seed=seed, dtype=self.dtype_policy, name="experts",
-        )
 
     def get_config(self):
         config = {
             "num_experts": self.num_experts,
-            "expert_hidden_dim": self.expert_hidden_dim,
             "k": self.k,
-            "output_dim": self.output_dim,
-            "gating": self.gating_type,
-            "importance_weight": self.importance_weight,
-            "load_weight": self.load_weight,
-            "noise_epsilon": self.noise_epsilon,
-            "capacity_factor": self.capacity_factor,
-            "expert_activation": self.expert_activation,
-            "use_bias": self.use_bias,
             "threshold_weight": self.threshold_weight,
-            "seed": self.seed,
+            **self._base_config(),
         }
         return {**super().get_config(), **config}

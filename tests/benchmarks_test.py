@@ -1,0 +1,34 @@
+"""The benchmark scripts run (smoke run on a tiny grid; no timing is asserted)."""
+
+import importlib.util
+import json
+
+from tests.conftest import REPO_ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_layer_benchmark_quick_grid_writes_json(tmp_path, capsys):
+    bench = _load("moe_layer")
+    out = tmp_path / "moe_layer.json"
+    bench.main(["--quick", "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {(r["kind"], r["num_experts"], r["k"]) for r in rows} == {
+        ("flat", 4, 1), ("flat", 4, 2), ("flat", 64, 1), ("flat", 64, 2), ("hier", 64, 4),
+    }
+    for r in rows:
+        assert r["forward_s"] > 0 and r["ideal_forward_s"] > 0
+        # Parameters: E experts of d*h + h + h*d + d, plus the gates.
+        d, h, e = r["d"], r["h"], r["num_experts"]
+        experts = e * (2 * d * h + h + d)
+        gates = 2 * d * e if r["kind"] == "flat" else 2 * d * r["groups"] + 2 * d * e
+        assert r["params"] == experts + gates
+    table = bench.markdown_table(rows)
+    assert table.count("\n") == len(rows) + 1
+    assert "ideal" in capsys.readouterr().out
