@@ -35,6 +35,8 @@ class DemoConfig:
     expert_hidden_dim: int = 128
     k: int = 4
     dropout: float = 0.1
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
     learning_rate: float = 3e-3
     monitor_every_n_steps: int = 50
     tokenizer: str = "auto"  # auto: whitespace for --data files, regex for gettext text
@@ -123,6 +125,7 @@ def run_demo(config):
     model = moe_lstm_language_model(
         len(vocab), model_dim=config.model_dim, num_experts=config.num_experts,
         expert_hidden_dim=config.expert_hidden_dim, k=config.k, dropout=config.dropout,
+        importance_weight=config.importance_weight, load_weight=config.load_weight,
         seed=config.seed,
     )
     model.compile(
@@ -131,13 +134,14 @@ def run_demo(config):
         weighted_metrics=[],
     )
     log_dir = os.path.join(config.run_dir, "tensorboard")
+    monitor = keras_moe.RoutingMonitor(log_dir, every_n_steps=config.monitor_every_n_steps)
     history = model.fit(
         x_train, y_train, sample_weight=w_train, batch_size=config.batch_size,
         epochs=config.epochs, validation_data=(x_valid, y_valid, w_valid),
         callbacks=[
             keras.callbacks.TensorBoard(log_dir=log_dir),
             # Per-expert load views and the collapse alarm (logs/routing).
-            keras_moe.RoutingMonitor(log_dir, every_n_steps=config.monitor_every_n_steps),
+            monitor,
         ],
         verbose=2,
     )
@@ -156,6 +160,10 @@ def run_demo(config):
         "max_mean_load": float(counts.max() / mean) if mean > 0 else 0.0,
         "cv_load": float(counts.std() / mean) if mean > 0 else 0.0,
         "unused_experts": int((counts == 0).sum()),
+        "collapse_alarms": [
+            {"step": int(a["step"]), "layer": a["layer"], "reasons": list(a["reasons"])}
+            for a in monitor.alarms
+        ],
         "train_history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
         "wall_seconds": round(time.time() - started, 1),
     }
@@ -176,6 +184,9 @@ def run_demo(config):
             break
     print(f"max/mean load {results['max_mean_load']:.2f}, CV(load) {results['cv_load']:.2f}, "
           f"experts without tokens {results['unused_experts']}")
+    for alarm in results["collapse_alarms"]:
+        print(f"COLLAPSE ALARM at step {alarm['step']} in {alarm['layer']}: "
+              + "; ".join(alarm["reasons"]))
     print(f"run directory: {config.run_dir} (TensorBoard: tensorboard --logdir {log_dir})")
     print(f"wall time {results['wall_seconds']} s")
     return results
