@@ -145,10 +145,10 @@ class BatchwiseGating(keras.layers.Layer):
 
         importance = tf.reduce_sum(gates * weight[:, None], axis=0)
         counts = tf.reduce_sum(tf.cast(mask, tf.float32), axis=0)
-        aux = self.importance_weight * losses.cv_squared(importance)
-        aux += self.load_weight * losses.cv_squared(counts)
+        loss_stats = {"importance": importance, "counts": counts}
+        local = tf.zeros([], tf.float32)
         if training:
-            aux += self.threshold_weight * losses.batchwise_threshold_loss(
+            local = self.threshold_weight * losses.batchwise_threshold_loss(
                 tf.stop_gradient(logits), thresholds, mask, weight
             )
         return GateDecision(
@@ -160,10 +160,17 @@ class BatchwiseGating(keras.layers.Layer):
             importance=importance,
             load=counts,
             counts=counts,
-            aux_loss=aux,
+            aux_loss=self.balancing_loss(loss_stats) + local,
             clean_logits=logits,
             noise_std=None,
+            loss_stats=loss_stats,
+            local_loss=local,
         )
+
+    def balancing_loss(self, loss_stats):
+        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` from batch sums."""
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        return aux + self.load_weight * losses.cv_squared(loss_stats["counts"])
 
     def get_config(self):
         config = {

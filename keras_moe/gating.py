@@ -221,10 +221,12 @@ class NoisyTopKGating(keras.layers.Layer):
             top_gates, top_indices = tf.math.top_k(probs, 1)
             top_indices = tf.cast(top_indices, tf.int32)
             stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
-            aux = self.importance_weight * losses.cv_squared(stats["importance"])
-            aux += self.load_weight * losses.switch_load_balancing_loss(
-                top_indices[:, 0], probs, weight
-            )
+            loss_stats = {
+                "importance": stats["importance"],
+                "counts": stats["counts"],
+                "router_prob_sum": tf.reduce_sum(probs * weight[:, None], axis=0),
+                "tokens": tf.reduce_sum(weight),
+            }
         else:
             top_indices, top_gates, load_prob = top_k_gates(
                 clean_logits, noise_std, noise, self.k
@@ -232,16 +234,34 @@ class NoisyTopKGating(keras.layers.Layer):
             stats = decision_from_top_k(
                 top_indices, top_gates, self.num_experts, weight, load_prob
             )
-            aux = self.importance_weight * losses.cv_squared(stats["importance"])
-            aux += self.load_weight * losses.cv_squared(stats["load"])
+            loss_stats = {"importance": stats["importance"], "load": stats["load"]}
         return GateDecision(
             top_indices=top_indices,
             top_gates=top_gates,
-            aux_loss=aux,
+            aux_loss=self.balancing_loss(loss_stats),
             clean_logits=clean_logits,
             noise_std=noise_std,
+            loss_stats=loss_stats,
+            local_loss=tf.zeros([], tf.float32),
             **stats,
         )
+
+    def balancing_loss(self, loss_stats):
+        """The balancing loss from sums over a batch (one replica's or all).
+
+        `w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11); for
+        `"switch"`, `w_importance CV(Importance)^2 + w_load E sum_i f_i P_i`
+        with `f_i = counts_i / tokens` and `P_i = router_prob_sum_i / tokens`.
+        """
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        if self.gating == "switch":
+            tokens = tf.maximum(loss_stats["tokens"], 1.0)
+            fraction = loss_stats["counts"] / tokens
+            mean_prob = loss_stats["router_prob_sum"] / tokens
+            return aux + self.load_weight * float(self.num_experts) * tf.reduce_sum(
+                fraction * mean_prob
+            )
+        return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
 
     def get_config(self):
         config = {

@@ -153,13 +153,13 @@ class HierarchicalGating(keras.layers.Layer):
             secondary_load = tf.math.unsorted_segment_sum(
                 load_prob2 * row_weight[:, None], primary.expert_index, groups
             )
-        # Eq. 14; a group that received no token has Load_i = 0.
-        load = primary.load[:, None] * tf.math.divide_no_nan(
-            secondary_load, primary.counts[:, None]
-        )
-        load = tf.reshape(load, [-1])
-        aux = self.importance_weight * losses.cv_squared(importance)
-        aux += self.load_weight * losses.cv_squared(load)
+        loss_stats = {
+            "importance": importance,
+            "primary_load": primary.load,
+            "secondary_load": secondary_load,
+            "primary_counts": primary.counts,
+        }
+        load = self.hierarchical_load(loss_stats)
 
         k_total = self.k_primary * ks
         return GateDecision(
@@ -171,11 +171,27 @@ class HierarchicalGating(keras.layers.Layer):
             importance=importance,
             load=load,
             counts=counts,
-            aux_loss=aux,
+            aux_loss=self.balancing_loss(loss_stats),
             clean_logits=primary.clean_logits,
             noise_std=primary.noise_std,
             primary=primary,
+            loss_stats=loss_stats,
+            local_loss=tf.zeros([], tf.float32),
         )
+
+    @staticmethod
+    def hierarchical_load(loss_stats):
+        """Load_H of Eq. 14, flattened: `Load_primary_i * Load_i_j / |X^(i)|`."""
+        # A group that received no token has Load_i = 0.
+        load = loss_stats["primary_load"][:, None] * tf.math.divide_no_nan(
+            loss_stats["secondary_load"], loss_stats["primary_counts"][:, None]
+        )
+        return tf.reshape(load, [-1])
+
+    def balancing_loss(self, loss_stats):
+        """`w_importance CV(Importance_H)^2 + w_load CV(Load_H)^2` from batch sums."""
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        return aux + self.load_weight * losses.cv_squared(self.hierarchical_load(loss_stats))
 
     def get_config(self):
         config = {
@@ -213,7 +229,7 @@ class HierarchicalMoE(SparseMoEBase):
         output_dim: int or None.
         gating: `"noisy_top_k"` or `"top_k"`.
         importance_weight, load_weight, noise_epsilon, capacity_factor,
-        expert_activation, use_bias, seed: as for `MoE`.
+        expert_activation, use_bias, seed, balancing_scope: as for `MoE`.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -247,6 +263,7 @@ class HierarchicalMoE(SparseMoEBase):
         expert_activation="relu",
         use_bias=True,
         seed=None,
+        balancing_scope="global",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -257,7 +274,7 @@ class HierarchicalMoE(SparseMoEBase):
         self._init_base(
             num_groups * experts_per_group, expert_hidden_dim, output_dim, gating,
             importance_weight, load_weight, noise_epsilon, capacity_factor,
-            expert_activation, use_bias, seed,
+            expert_activation, use_bias, seed, balancing_scope,
         )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group

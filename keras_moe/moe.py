@@ -48,8 +48,15 @@ class SparseMoEBase(keras.layers.Layer):
     def _init_base(
         self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
         load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
+        balancing_scope="global",
     ):
         """Validate and store the arguments both layers share; create the experts."""
+        if balancing_scope not in ("global", "replica"):
+            raise ValueError(
+                "`balancing_scope` must be 'global' or 'replica'. "
+                f"Received: balancing_scope={balancing_scope!r}"
+            )
+        self.balancing_scope = balancing_scope
         if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
             raise ValueError(
                 "`expert_hidden_dim` must be an integer >= 1. "
@@ -90,6 +97,7 @@ class SparseMoEBase(keras.layers.Layer):
             "expert_activation": self.expert_activation,
             "use_bias": self.use_bias,
             "seed": self.seed,
+            "balancing_scope": self.balancing_scope,
         }
 
     def build(self, input_shape):
@@ -151,8 +159,10 @@ class SparseMoEBase(keras.layers.Layer):
             y = y * tf.cast(weight, y.dtype)[:, None]
         y = tf.reshape(y, tf.concat([lead_shape, [out_dim]], axis=0))
 
+        aux_loss = decision.aux_loss
         if training:
-            self.add_loss(decision.aux_loss)
+            aux_loss = self._global_balancing_loss(decision)
+            self.add_loss(aux_loss)
         update_routing_metrics(
             self.routing_metrics,
             routing_statistics(decision.importance, decision.counts, dropped),
@@ -168,7 +178,37 @@ class SparseMoEBase(keras.layers.Layer):
             self._accumulate_routing(decision, dropped)
         if not return_routing:
             return y
-        return y, self._routing(decision, dropped, lead_shape, kept, weight, num_tokens)
+        return y, self._routing(
+            decision, aux_loss, dropped, lead_shape, kept, weight, num_tokens
+        )
+
+    def _global_balancing_loss(self, decision):
+        """The balancing loss over the batch of *all* replicas (Section 3).
+
+        Under a `tf.distribute` strategy each replica sees a shard of the
+        batch. The paper computes Importance and Load over the whole batch,
+        so the per-expert sums are added across replicas (an all-reduce,
+        whose gradient is again an all-reduce) before the CV^2 is taken.
+        Keras divides added losses by the replica count and sums the
+        replicas' gradients, which then equals one device's gradient on the
+        global batch. `balancing_scope="replica"` keeps per-replica losses.
+        """
+        if self.balancing_scope != "global":
+            return decision.aux_loss
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync <= 1:
+            return decision.aux_loss
+        # One flat vector, one collective: replicas then issue the same
+        # collectives in the same order in the forward and backward passes.
+        names = sorted(decision.loss_stats)
+        parts = [tf.reshape(tf.cast(decision.loss_stats[n], tf.float32), [-1]) for n in names]
+        sizes = [int(p.shape[0]) for p in parts]
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.concat(parts, axis=0))
+        totals = {
+            n: tf.reshape(t, tf.shape(decision.loss_stats[n]))
+            for n, t in zip(names, tf.split(summed, sizes), strict=True)
+        }
+        return self.gating.balancing_loss(totals) + decision.local_loss
 
     def _accumulate_routing(self, decision, dropped):
         # `keras_moe.RoutingMonitor` sets `routing_accumulators` to a dict of
@@ -192,7 +232,7 @@ class SparseMoEBase(keras.layers.Layer):
             return tf.zeros([num_pairs], tf.int32)
         return tf.range(num_pairs, dtype=tf.int32) % k
 
-    def _routing(self, decision, dropped, lead_shape, kept, weight, num_tokens):
+    def _routing(self, decision, aux_loss, dropped, lead_shape, kept, weight, num_tokens):
         indices, gates = decision.top_indices, decision.top_gates
         logits, noise_std = decision.clean_logits, decision.noise_std
         if kept is not None:
@@ -219,7 +259,7 @@ class SparseMoEBase(keras.layers.Layer):
             load=decision.load,
             counts=decision.counts,
             dropped_fraction=dropped,
-            aux_loss=decision.aux_loss,
+            aux_loss=aux_loss,
             clean_logits=unflatten(logits),
             noise_std=unflatten(noise_std),
             primary_importance=None if primary is None else primary.importance,
@@ -274,6 +314,11 @@ class MoE(SparseMoEBase):
         threshold_weight: float >= 0, weight of the batchwise threshold loss
             (Eq. 18; used by `gating="batchwise"` only).
         seed: optional int, seeds the initializers and the gating noise.
+        balancing_scope: `"global"` (default): under a `tf.distribute`
+            strategy the balancing losses are computed over the batch of all
+            replicas (importance and load summed across replicas before the
+            CV^2), as the paper computes them over the whole batch;
+            `"replica"`: each replica's own shard.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -309,6 +354,7 @@ class MoE(SparseMoEBase):
         use_bias=True,
         threshold_weight=1.0,
         seed=None,
+        balancing_scope="global",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -321,6 +367,7 @@ class MoE(SparseMoEBase):
         self._init_base(
             num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
             load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
+            balancing_scope,
         )
         self.k = k
         self.threshold_weight = float(threshold_weight)

@@ -31,6 +31,11 @@ class GateDecision(NamedTuple):
         clean_logits: float32 `[N, E]` or None (hierarchical: primary level).
         noise_std: float32 `[N, E]` or None when no noise was used.
         primary: a `GateDecision` of the first level (hierarchical) or None.
+        loss_stats: dict of float32 tensors that are *sums over tokens*, from
+            which the gate's `balancing_loss` recomputes `aux_loss`; summed
+            across replicas first, they give the loss of the global batch.
+        local_loss: float32 scalar part of `aux_loss` that is a per-token
+            mean rather than a function of sums (batchwise threshold loss).
     """
 
     token_index: tf.Tensor
@@ -45,6 +50,8 @@ class GateDecision(NamedTuple):
     clean_logits: tf.Tensor | None = None
     noise_std: tf.Tensor | None = None
     primary: Optional["GateDecision"] = None
+    loss_stats: dict | None = None
+    local_loss: tf.Tensor | None = None
 
 
 class Routing(NamedTuple):
