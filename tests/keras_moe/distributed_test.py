@@ -1,6 +1,8 @@
 """MoE under tf.distribute.MirroredStrategy equals one device on the global batch.
 
-The check runs `tests/keras_moe/mirrored_script.py` in a new process, which
+With noise off (`top_k` gating), one `strategy.run` step on 4 replicas gives
+the outputs, balancing loss and (summed) gradients of one device on the same
+32-token batch, to 1e-5. The check runs `tests/keras_moe/mirrored_script.py` in a new process, which
 splits the CPU into 4 logical devices (possible only before TensorFlow
 starts) and trains the same model with `fit` for 3 SGD steps of a 32-token
 global batch on one device and on 4 replicas. With the default
@@ -30,6 +32,13 @@ def test_fit_on_four_replicas_matches_one_device():
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     report = json.loads(lines[-1][len("RESULT "):])
     for kind in ("flat", "hier"):
+        # One custom `strategy.run` step: outputs, balancing loss and summed
+        # gradients equal one device's on the global batch (to 1e-5).
+        step = report[f"{kind}_global_step"]
+        assert step["aux_value"] > 0.01 and step["grad_scale"] > 0.01
+        assert step["output"] < 1e-5 and step["aux"] < 1e-5 and step["grad"] < 1e-5, step
+        per_replica = report[f"{kind}_replica_step"]
+        assert per_replica["aux"] > 1e-2 and per_replica["grad"] > 1e-3, per_replica
         assert report[f"{kind}_replicas"] == 4
         # Training moved the weights by far more than the tolerance...
         assert report[f"{kind}_moved"] > 0.1
