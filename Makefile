@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Keep freed CPU memory for reuse instead of page-faulting it back every step
+# (docs/performance.md). Tests run without it, as a user's script would.
+export TF_CPU_ALLOCATOR_USE_BFC ?= true
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow bench lint venv clean
