@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Keep freed CPU memory for reuse instead of page-faulting it back every step
-# (docs/performance.md). Tests run without it, as a user's script would.
+# (docs/performance.md). The tests run with TensorFlow's default allocator, as
+# a user's own script would.
 export TF_CPU_ALLOCATOR_USE_BFC ?= true
+test test-slow: export TF_CPU_ALLOCATOR_USE_BFC := false
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-slow bench lint venv clean
