@@ -255,11 +255,8 @@ class NoisyTopKGating(keras.layers.Layer):
         """
         aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
         if self.gating == "switch":
-            tokens = tf.maximum(loss_stats["tokens"], 1.0)
-            fraction = loss_stats["counts"] / tokens
-            mean_prob = loss_stats["router_prob_sum"] / tokens
-            return aux + self.load_weight * float(self.num_experts) * tf.reduce_sum(
-                fraction * mean_prob
+            return aux + self.load_weight * losses.switch_loss_from_sums(
+                loss_stats["counts"], loss_stats["router_prob_sum"], loss_stats["tokens"]
             )
         return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
 

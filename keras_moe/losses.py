@@ -134,9 +134,25 @@ def switch_load_balancing_loss(expert_index, router_probs, weight=None):
     if weight is None:
         weight = tf.ones(tf.shape(expert_index), tf.float32)
     weight = tf.cast(weight, tf.float32)
-    total = tf.maximum(tf.reduce_sum(weight), 1.0)
-    fraction = counts(expert_index, num_experts, weight) / total
-    mean_prob = tf.reduce_sum(router_probs * weight[:, None], axis=0) / total
+    return switch_loss_from_sums(
+        counts(expert_index, num_experts, weight),
+        tf.reduce_sum(router_probs * weight[:, None], axis=0),
+        tf.reduce_sum(weight),
+    )
+
+
+def switch_loss_from_sums(expert_counts, router_prob_sum, tokens):
+    """`E * sum_i f_i P_i` from batch sums (addable across replicas).
+
+    Args:
+        expert_counts: float32 `[E]`, tokens whose top-1 choice is expert `i`.
+        router_prob_sum: float32 `[E]`, router probabilities summed over tokens.
+        tokens: float32 scalar, number of (non-masked) tokens.
+    """
+    total = tf.maximum(tf.cast(tokens, tf.float32), 1.0)
+    fraction = expert_counts / total
+    mean_prob = router_prob_sum / total
+    num_experts = expert_counts.shape[-1]
     return float(num_experts) * tf.reduce_sum(fraction * mean_prob)
 
 
