@@ -16,6 +16,7 @@ setup(
     # but install under the keras_moe namespace, so an install never claims
     # generic names such as `models` or `pipelines` in site-packages.
     packages=["keras_moe", "keras_moe.models", "keras_moe.pipelines"],
+    package_data={"keras_moe.pipelines": ["configs/*/*.yaml"]},
     package_dir={
         "keras_moe": "keras_moe",
         "keras_moe.models": "models",
@@ -29,6 +30,17 @@ setup(
         "tensorboard",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest>=8", "ruff"]},
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "ruff",
+            # The TFDS lm1b reader is tested on a dataset prepared locally;
+            # TFDS 4.9 needs importlib-resources without declaring it
+            # (tensorflow/datasets#11212).
+            "tensorflow-datasets>=4.9,<5",
+            "importlib-resources",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9,<5", "importlib-resources"],
+    },
     entry_points={"console_scripts": ["keras-moe=keras_moe.pipelines.cli:main"]},
 )

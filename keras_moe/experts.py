@@ -19,8 +19,15 @@ class FeedForwardExperts(keras.layers.Layer):
 
     The experts of the paper (Section 2.1, App. C): one hidden layer with a
     ReLU, each with its own parameters. Weights are stored stacked so that
-    the layer has four variables whatever `E` is:
+    the layer has four variables (six for deep experts) whatever `E` is:
     `w_in [E, d, h]`, `b_in [E, h]`, `w_out [E, h, out]`, `b_out [E, out]`.
+
+    Deep experts (the paper's MoE-1-Deep, App. C.1, has 4 hidden layers):
+    with `L = num_hidden_layers > 1` each expert is
+    `h_1 = act(x W_in + b_in)`, `h_{l+1} = act(h_l W_l + b_l)` for
+    `l = 1 .. L-1`, `E_i(x) = h_L W_out + b_out`; the `L - 1` extra
+    `h x h` layers are two more stacked variables,
+    `w_hidden [E, L-1, h, h]` and `b_hidden [E, L-1, h]`.
 
     Two ways to evaluate them:
     - `call(x)` with `x: [E, C, d]` (each expert's own rows, e.g. a static
@@ -36,6 +43,7 @@ class FeedForwardExperts(keras.layers.Layer):
         activation: hidden activation, name or callable (default `"relu"`).
         use_bias: bool.
         seed: optional int seed of the initializers.
+        num_hidden_layers: int >= 1, `L`, hidden layers of width `h` per expert.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -49,6 +57,9 @@ class FeedForwardExperts(keras.layers.Layer):
     >>> experts = FeedForwardExperts(num_experts=3, hidden_dim=16, output_dim=4)
     >>> experts(tf.ones([3, 5, 8])).shape
     TensorShape([3, 5, 4])
+    >>> deep = FeedForwardExperts(num_experts=3, hidden_dim=16, num_hidden_layers=3)
+    >>> deep(tf.ones([3, 5, 8])).shape, tuple(deep.w_hidden.shape)
+    (TensorShape([3, 5, 8]), (3, 2, 16, 16))
     """
 
     def __init__(
@@ -59,6 +70,7 @@ class FeedForwardExperts(keras.layers.Layer):
         activation="relu",
         use_bias=True,
         seed=None,
+        num_hidden_layers=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -74,8 +86,18 @@ class FeedForwardExperts(keras.layers.Layer):
             raise ValueError(
                 f"`output_dim` must be None or an integer >= 1. Received: output_dim={output_dim}"
             )
+        if (
+            isinstance(num_hidden_layers, bool)
+            or not isinstance(num_hidden_layers, int)
+            or num_hidden_layers < 1
+        ):
+            raise ValueError(
+                "`num_hidden_layers` must be an integer >= 1. "
+                f"Received: num_hidden_layers={num_hidden_layers}"
+            )
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
+        self.num_hidden_layers = num_hidden_layers
         self.output_dim = output_dim
         self.activation = keras.activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -97,6 +119,17 @@ class FeedForwardExperts(keras.layers.Layer):
             self.b_out = self.add_weight(name="b_out", shape=(e, out), initializer="zeros")
         else:
             self.b_in = self.b_out = None
+        self.w_hidden = self.b_hidden = None
+        extra = self.num_hidden_layers - 1
+        if extra:
+            seed3 = None if self.seed is None else self.seed + 2
+            self.w_hidden = self.add_weight(
+                name="w_hidden", shape=(e, extra, h, h), initializer=_per_expert_glorot(h, h, seed3)
+            )
+            if self.use_bias:
+                self.b_hidden = self.add_weight(
+                    name="b_hidden", shape=(e, extra, h), initializer="zeros"
+                )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
@@ -107,6 +140,11 @@ class FeedForwardExperts(keras.layers.Layer):
         if self.use_bias:
             hidden += self._cast(self.b_in)[:, None, :]
         hidden = self.activation(hidden)
+        for layer in range(self.num_hidden_layers - 1):
+            hidden = tf.einsum("ech,ehk->eck", hidden, self._cast(self.w_hidden[:, layer]))
+            if self.use_bias:
+                hidden += self._cast(self.b_hidden[:, layer])[:, None, :]
+            hidden = self.activation(hidden)
         y = tf.einsum("ech,eho->eco", hidden, self._cast(self.w_out))
         if self.use_bias:
             y += self._cast(self.b_out)[:, None, :]
@@ -128,12 +166,27 @@ class FeedForwardExperts(keras.layers.Layer):
         w_out = tf.unstack(self._cast(self.w_out))
         b_in = tf.unstack(self._cast(self.b_in)) if self.use_bias else None
         b_out = tf.unstack(self._cast(self.b_out)) if self.use_bias else None
+        # Deep experts: the [E, L-1, ...] stacks are flattened to E*(L-1)
+        # matrices and unstacked once too, for the same reason.
+        extra = self.num_hidden_layers - 1
+        w_hidden = b_hidden = None
+        if extra:
+            h = self.hidden_dim
+            w_hidden = tf.unstack(tf.reshape(self._cast(self.w_hidden), [-1, h, h]))
+            if self.use_bias:
+                b_hidden = tf.unstack(tf.reshape(self._cast(self.b_hidden), [-1, h]))
         outputs = []
         for e, rows in enumerate(parts):
             hidden = tf.matmul(tf.cast(rows, self.compute_dtype), w_in[e])
             if self.use_bias:
                 hidden = tf.nn.bias_add(hidden, b_in[e])
-            y = tf.matmul(self.activation(hidden), w_out[e])
+            hidden = self.activation(hidden)
+            for layer in range(e * extra, (e + 1) * extra):
+                hidden = tf.matmul(hidden, w_hidden[layer])
+                if self.use_bias:
+                    hidden = tf.nn.bias_add(hidden, b_hidden[layer])
+                hidden = self.activation(hidden)
+            y = tf.matmul(hidden, w_out[e])
             if self.use_bias:
                 y = tf.nn.bias_add(y, b_out[e])
             outputs.append(y)
@@ -150,5 +203,6 @@ class FeedForwardExperts(keras.layers.Layer):
             "activation": keras.activations.serialize(self.activation),
             "use_bias": self.use_bias,
             "seed": self.seed,
+            "num_hidden_layers": self.num_hidden_layers,
         }
         return {**super().get_config(), **config}

@@ -229,7 +229,8 @@ class HierarchicalMoE(SparseMoEBase):
         output_dim: int or None.
         gating: `"noisy_top_k"` or `"top_k"`.
         importance_weight, load_weight, noise_epsilon, capacity_factor,
-        expert_activation, use_bias, seed, balancing_scope: as for `MoE`.
+        expert_activation, use_bias, seed, balancing_scope,
+        expert_hidden_layers: as for `MoE`.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -264,6 +265,7 @@ class HierarchicalMoE(SparseMoEBase):
         use_bias=True,
         seed=None,
         balancing_scope="global",
+        expert_hidden_layers=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -274,7 +276,7 @@ class HierarchicalMoE(SparseMoEBase):
         self._init_base(
             num_groups * experts_per_group, expert_hidden_dim, output_dim, gating,
             importance_weight, load_weight, noise_epsilon, capacity_factor,
-            expert_activation, use_bias, seed, balancing_scope,
+            expert_activation, use_bias, seed, balancing_scope, expert_hidden_layers,
         )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group

@@ -48,7 +48,7 @@ class SparseMoEBase(keras.layers.Layer):
     def _init_base(
         self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
         load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-        balancing_scope="global",
+        balancing_scope="global", expert_hidden_layers=1,
     ):
         """Validate and store the arguments both layers share; create the experts."""
         if balancing_scope not in ("global", "replica"):
@@ -62,8 +62,18 @@ class SparseMoEBase(keras.layers.Layer):
                 "`expert_hidden_dim` must be an integer >= 1. "
                 f"Received: expert_hidden_dim={expert_hidden_dim}"
             )
+        if (
+            isinstance(expert_hidden_layers, bool)
+            or not isinstance(expert_hidden_layers, int)
+            or expert_hidden_layers < 1
+        ):
+            raise ValueError(
+                "`expert_hidden_layers` must be an integer >= 1. "
+                f"Received: expert_hidden_layers={expert_hidden_layers}"
+            )
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
+        self.expert_hidden_layers = expert_hidden_layers
         self.output_dim = output_dim
         self.gating_type = gating
         self.importance_weight = float(importance_weight)
@@ -82,12 +92,14 @@ class SparseMoEBase(keras.layers.Layer):
         self.routing_accumulators = None
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
-            seed=seed, dtype=self.dtype_policy, name="experts",
+            seed=seed, num_hidden_layers=expert_hidden_layers, dtype=self.dtype_policy,
+            name="experts",
         )
 
     def _base_config(self):
         return {
             "expert_hidden_dim": self.expert_hidden_dim,
+            "expert_hidden_layers": self.expert_hidden_layers,
             "output_dim": self.output_dim,
             "gating": self.gating_type,
             "importance_weight": self.importance_weight,
@@ -273,10 +285,11 @@ class MoE(SparseMoEBase):
 
     `y = sum_i G(x)_i E_i(x)` (Eq. 1) where `G` is a sparse gate that keeps
     `k` of `num_experts` experts per position (Eq. 3-5 for the default
-    noisy top-k gate) and each expert is a one-hidden-layer feed-forward
-    network. Only the chosen experts are evaluated: compute grows with `k`,
-    not with `num_experts`, and no tensor of size
-    `tokens * num_experts * width` is ever built.
+    noisy top-k gate) and each expert is a feed-forward network with one
+    hidden layer (`expert_hidden_layers` of them for deep experts). Only
+    the chosen experts are evaluated: compute grows with `k`, not with
+    `num_experts`, and no tensor of size `tokens * num_experts * width` is
+    ever built.
 
     In training the layer adds the balancing losses of Section 4 with
     `add_loss`, so `model.fit` optimises them:
@@ -319,6 +332,9 @@ class MoE(SparseMoEBase):
             replicas (importance and load summed across replicas before the
             CV^2), as the paper computes them over the whole batch;
             `"replica"`: each replica's own shard.
+        expert_hidden_layers: int >= 1, hidden layers of width
+            `expert_hidden_dim` in each expert (the paper's MoE-1-Deep has
+            4); see `keras_moe.FeedForwardExperts`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -355,6 +371,7 @@ class MoE(SparseMoEBase):
         threshold_weight=1.0,
         seed=None,
         balancing_scope="global",
+        expert_hidden_layers=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -367,7 +384,7 @@ class MoE(SparseMoEBase):
         self._init_base(
             num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
             load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-            balancing_scope,
+            balancing_scope, expert_hidden_layers,
         )
         self.k = k
         self.threshold_weight = float(threshold_weight)

@@ -1,8 +1,324 @@
-"""The MoE-LSTM language model of Shazeer et al. 2017 (App. C.1)."""
+"""The MoE-LSTM language model of Shazeer et al. 2017 (App. C.1) and its baselines."""
 
 import keras
+import tensorflow as tf
 
 import keras_moe
+from keras_moe.models.lstmp import ProjectedLSTM
+from keras_moe.models.softmax import SoftmaxOutput
+
+BLOCK_TYPES = ("lstm", "moe", "ffn")
+
+
+def _check_int(name, value, minimum, allow_none=False):
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = f"None or an integer >= {minimum}" if allow_none else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class LanguageModel(keras.Model):
+    """Word-level language model: embedding, a stack of blocks, softmax.
+
+    The paper's 1B Word models (App. C.1) are `blocks=("lstm", "moe",
+    "lstm")`: every block's output goes through dropout and then has the
+    block's input added to it (residual); an MoE block's output passes
+    through a sigmoid before its dropout. The computationally matched
+    baselines of Table 7 are other block stacks of the same class:
+    `("lstm",)` with `lstm_units=2048, lstm_projection=512` (LSTM-2048-512),
+    four `"lstm"` blocks (4xLSTM-512), an MoE with one wide or one deep
+    expert (MoE-1-Wide, MoE-1-Deep), and `"ffn"`, a dense ReLU block with
+    `k * expert_hidden_dim` hidden units (the same multiply-adds per token
+    as `k` experts). See `keras_moe.models.presets` for the named models.
+
+    In training with `num_sampled > 0` the loss is a sampled softmax
+    (Jean et al. 2015; the paper trains its 793k-word softmax by importance
+    sampling): only the target and `num_sampled` log-uniformly drawn words
+    are scored. Inference (`model(tokens)`, `evaluate`, `predict`) always
+    returns the full logits, so perplexities are exact.
+
+    Args:
+        vocab_size: int >= 3, including padding id 0 (masked) and `<eos>`.
+        model_dim: width of the embedding, of every block's output and of the
+            softmax input (the paper's 512).
+        blocks: sequence of `"lstm"`, `"moe"` and `"ffn"`.
+        lstm_units: LSTM cell width (default `model_dim`).
+        lstm_projection: None, or the projection width of a projected LSTM
+            (Sak et al. 2014), which must equal `model_dim`.
+        num_experts: experts of each MoE block.
+        expert_hidden_dim: hidden width of each expert.
+        expert_hidden_layers: hidden layers per expert (1 in the paper,
+            4 for MoE-1-Deep).
+        k: experts per position; per level for a hierarchical MoE.
+        num_groups: 0 for a flat MoE; otherwise a hierarchical MoE (App. B)
+            of `num_groups` groups of `num_experts // num_groups` experts.
+        gating: gating rule of the MoE blocks (see `keras_moe.MoE`).
+        importance_weight, load_weight: balancing loss weights (Eq. 7, 11).
+        capacity_factor: None (dropless) or the MoE capacity factor.
+        ffn_hidden_dim: hidden width of `"ffn"` blocks (default
+            `k * expert_hidden_dim`).
+        dropout: float in [0, 1), after every block and the embedding.
+        num_sampled: 0 for a full softmax in training, else the number of
+            sampled negative words.
+        unroll: bool, unroll the LSTMs (faster on CPU for short windows).
+        seed: optional int.
+        name: model name.
+
+    Call arguments:
+        tokens: int `[batch, time]`, 0 = padding (masked).
+        training: bool.
+        return_hidden: bool; return the softmax input `[batch, time,
+            model_dim]` instead of the logits.
+        return_routing: bool; also return a dict mapping each MoE block's
+            name to its `keras_moe.Routing` for this call.
+
+    Returns:
+        Logits `[batch, time, vocab_size]` (float32), or `(logits, routings)`
+        with `return_routing=True`.
+
+    Example:
+
+    >>> model = LanguageModel(100, model_dim=16, num_experts=4, expert_hidden_dim=8, k=2)
+    >>> tuple(model(keras.ops.ones((2, 5), dtype="int32")).shape)
+    (2, 5, 100)
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        model_dim=512,
+        blocks=("lstm", "moe", "lstm"),
+        lstm_units=None,
+        lstm_projection=None,
+        num_experts=32,
+        expert_hidden_dim=1024,
+        expert_hidden_layers=1,
+        k=4,
+        num_groups=0,
+        gating="noisy_top_k",
+        importance_weight=0.1,
+        load_weight=0.1,
+        capacity_factor=None,
+        ffn_hidden_dim=None,
+        dropout=0.1,
+        num_sampled=0,
+        unroll=False,
+        seed=None,
+        name="language_model",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        _check_int("vocab_size", vocab_size, 3)
+        _check_int("model_dim", model_dim, 1)
+        _check_int("lstm_units", lstm_units, 1, allow_none=True)
+        _check_int("lstm_projection", lstm_projection, 1, allow_none=True)
+        _check_int("num_groups", num_groups, 0)
+        _check_int("ffn_hidden_dim", ffn_hidden_dim, 1, allow_none=True)
+        _check_int("num_sampled", num_sampled, 0)
+        blocks = tuple(blocks) if isinstance(blocks, (list, tuple)) else blocks
+        if not isinstance(blocks, tuple) or not blocks or any(b not in BLOCK_TYPES for b in blocks):
+            raise ValueError(
+                f"`blocks` must be a non-empty sequence of {', '.join(map(repr, BLOCK_TYPES))}. "
+                f"Received: blocks={blocks!r}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        units = lstm_units or model_dim
+        if lstm_projection is None and units != model_dim:
+            raise ValueError(
+                "`lstm_units` must equal `model_dim` unless `lstm_projection` is set (the "
+                f"residual needs equal widths). Received: lstm_units={lstm_units}, "
+                f"model_dim={model_dim}"
+            )
+        if lstm_projection is not None and lstm_projection != model_dim:
+            raise ValueError(
+                "`lstm_projection` must equal `model_dim` (the residual needs equal widths). "
+                f"Received: lstm_projection={lstm_projection}, model_dim={model_dim}"
+            )
+        if num_groups and num_experts % num_groups:
+            raise ValueError(
+                "`num_experts` must be a multiple of `num_groups`. "
+                f"Received: num_experts={num_experts}, num_groups={num_groups}"
+            )
+        if num_sampled >= vocab_size:
+            raise ValueError(
+                f"`num_sampled` must be < vocab_size={vocab_size}. Received: num_sampled={num_sampled}"
+            )
+        self.vocab_size = vocab_size
+        self.model_dim = model_dim
+        self.blocks = blocks
+        self.lstm_units = lstm_units
+        self.lstm_projection = lstm_projection
+        self.num_experts = num_experts
+        self.expert_hidden_dim = expert_hidden_dim
+        self.expert_hidden_layers = expert_hidden_layers
+        self.k = k
+        self.num_groups = num_groups
+        self.gating = gating
+        self.importance_weight = importance_weight
+        self.load_weight = load_weight
+        self.capacity_factor = capacity_factor
+        self.ffn_hidden_dim = ffn_hidden_dim
+        self.dropout = float(dropout)
+        self.num_sampled = num_sampled
+        self.unroll = bool(unroll)
+        self.seed = seed
+
+        self.embedding = keras.layers.Embedding(
+            vocab_size, model_dim, mask_zero=True, name="embedding"
+        )
+        self.embedding_dropout = keras.layers.Dropout(dropout, seed=seed, name="embedding_dropout")
+        self.block_layers = []
+        self.block_dropouts = []
+        names = _block_names(blocks)
+        for block, block_name in zip(blocks, names, strict=True):
+            self.block_layers.append(self._make_block(block, block_name))
+            self.block_dropouts.append(
+                keras.layers.Dropout(dropout, seed=seed, name=f"{block_name}_dropout")
+            )
+        self.softmax = SoftmaxOutput(vocab_size, num_sampled=num_sampled, seed=seed, name="softmax")
+        # Weights exist from construction on, as in a functional model, so that
+        # `count_params`, checkpoint restores and weight surgery work at once.
+        self.build((None, None))
+
+    def _make_block(self, block, name):
+        if block == "lstm":
+            if self.lstm_projection:
+                return ProjectedLSTM(
+                    self.lstm_units or self.model_dim, self.lstm_projection,
+                    unroll=self.unroll, seed=self.seed, name=name,
+                )
+            return keras.layers.LSTM(
+                self.model_dim, return_sequences=True, unroll=self.unroll, seed=self.seed,
+                name=name,
+            )
+        if block == "ffn":
+            hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
+            return keras.Sequential(
+                [
+                    keras.layers.Dense(hidden, activation="relu", name="ffn_in"),
+                    keras.layers.Dense(self.model_dim, name="ffn_out"),
+                ],
+                name=name,
+            )
+        common = dict(
+            expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
+            importance_weight=self.importance_weight, load_weight=self.load_weight,
+            capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
+            seed=self.seed, name=name,
+        )
+        if self.num_groups:
+            return keras_moe.HierarchicalMoE(
+                self.num_groups, self.num_experts // self.num_groups,
+                k_primary=self.k, k_secondary=self.k, **common,
+            )
+        return keras_moe.MoE(self.num_experts, k=self.k, **common)
+
+    def build(self, input_shape=(None, None)):
+        if self.built:
+            return
+        width = self.model_dim
+        for layer, shape in [(self.embedding, input_shape)] + [
+            (layer, (None, None, width)) for layer in [*self.block_layers, self.softmax]
+        ]:
+            if not layer.built:
+                layer.build(shape)
+        self.built = True
+
+    def call(self, tokens, training=None, return_hidden=False, return_routing=False):
+        mask = tf.not_equal(tokens, 0)
+        x = self.embedding_dropout(self.embedding(tokens), training=training)
+        routings = {}
+        for block, layer, dropout in zip(self.blocks, self.block_layers, self.block_dropouts,
+                                         strict=True):
+            if block == "ffn":
+                y = layer(x, training=training)
+            elif block == "moe" and return_routing:
+                y, routings[layer.name] = layer(
+                    x, training=training, mask=mask, return_routing=True
+                )
+            else:
+                y = layer(x, training=training, mask=mask)
+            if block == "moe":
+                y = keras.activations.sigmoid(y)
+            x = dropout(y, training=training) + x
+        out = x if return_hidden else self.softmax(x)
+        return (out, routings) if return_routing else out
+
+    def train_step(self, data):
+        """Keras's step, or with `num_sampled > 0` one on the sampled softmax loss."""
+        if not self.num_sampled:
+            return super().train_step(data)
+        if self._compile_metrics is not None:
+            raise ValueError(
+                "compiled metrics need the full logits, which training with `num_sampled="
+                f"{self.num_sampled}` never computes; compile without `metrics` and "
+                "`weighted_metrics` (validation uses the full softmax)"
+            )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            hidden = self(x, training=True, return_hidden=True)
+            loss = self.softmax.sampled_loss(hidden, y, sample_weight)
+            if self.losses:
+                loss += tf.add_n([tf.cast(term, loss.dtype) for term in self.losses])
+            # Gradients are summed over replicas, so each replica's loss is
+            # scaled by 1/replicas as Keras does for its own losses.
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        variables = self.trainable_weights
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
+        # The loss tracker is Keras's own (private name), so that `fit` logs
+        # report `loss` exactly as in the full-softmax path.
+        self._loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+        # Compiled metrics need the full logits, which this step never builds;
+        # the routing metrics of the MoE layers are reported as usual.
+        logs = {"loss": self._loss_tracker.result()}
+        for layer in self._flatten_layers(include_self=False):
+            logs.update({m.name: m.result() for m in layer.metrics})
+        return logs
+
+    def get_config(self):
+        config = {
+            "vocab_size": self.vocab_size,
+            "model_dim": self.model_dim,
+            "blocks": list(self.blocks),
+            "lstm_units": self.lstm_units,
+            "lstm_projection": self.lstm_projection,
+            "num_experts": self.num_experts,
+            "expert_hidden_dim": self.expert_hidden_dim,
+            "expert_hidden_layers": self.expert_hidden_layers,
+            "k": self.k,
+            "num_groups": self.num_groups,
+            "gating": self.gating,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "capacity_factor": self.capacity_factor,
+            "ffn_hidden_dim": self.ffn_hidden_dim,
+            "dropout": self.dropout,
+            "num_sampled": self.num_sampled,
+            "unroll": self.unroll,
+            "seed": self.seed,
+            "name": self.name,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.pop("trainable", None)
+        config.pop("dtype", None)
+        return cls(**config)
+
+
+def _block_names(blocks):
+    """`lstm_1, moe, lstm_2`: numbered per type when a type occurs more than once."""
+    names, seen = [], {}
+    for block in blocks:
+        seen[block] = seen.get(block, 0) + 1
+        names.append(block if blocks.count(block) == 1 else f"{block}_{seen[block]}")
+    return names
 
 
 def moe_lstm_language_model(
@@ -18,30 +334,11 @@ def moe_lstm_language_model(
     seed=None,
     name="moe_lstm_lm",
 ):
-    """Word-level language model: embedding, LSTM, MoE, LSTM, softmax.
+    """The paper's LSTM, MoE, LSTM model, or with `moe=False` its dense baseline.
 
-    The architecture of the paper's 1B Word models (App. C.1): every layer's
-    output goes through dropout and then has the layer's input added to it
-    (residual); the MoE output passes through a sigmoid before its dropout.
-    With `moe=False` the MoE is replaced by a dense feed-forward block of the
-    same per-token compute (`k * expert_hidden_dim` hidden units), the
-    computationally matched baseline.
-
-    Args:
-        vocab_size: int, including padding id 0 (masked) and `<eos>`.
-        model_dim: width of the embedding, the LSTMs and the MoE (paper 512).
-        num_experts: int, experts of the MoE layer.
-        expert_hidden_dim: int, hidden width of each expert.
-        k: int, experts per position.
-        dropout: float in [0, 1).
-        importance_weight, load_weight: balancing loss weights.
-        moe: bool, False for the compute-matched dense baseline.
-        seed: optional int.
-        name: model name.
-
-    Returns:
-        A functional `keras.Model` mapping int token ids `[batch, time]`
-        (0 = padding, masked) to logits `[batch, time, vocab_size]`.
+    A shorthand for `LanguageModel(blocks=("lstm", "moe", "lstm"))`; with
+    `moe=False` the MoE is replaced by a dense ReLU block of `k *
+    expert_hidden_dim` hidden units (the same per-token multiply-adds).
 
     Example:
 
@@ -50,30 +347,8 @@ def moe_lstm_language_model(
     >>> tuple(model(keras.ops.ones((2, 5), dtype="int32")).shape)
     (2, 5, 100)
     """
-    if not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"`vocab_size` must be an integer >= 2. Received: vocab_size={vocab_size}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    tokens = keras.Input(shape=(None,), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(vocab_size, model_dim, mask_zero=True, name="embedding")(tokens)
-
-    def residual(layer_output, layer_input, tag):
-        dropped = keras.layers.Dropout(dropout, seed=seed, name=f"{tag}_dropout")(layer_output)
-        return keras.layers.Add(name=f"{tag}_residual")([dropped, layer_input])
-
-    h = keras.layers.LSTM(model_dim, return_sequences=True, seed=seed, name="lstm_1")(x)
-    h = residual(h, x, "lstm_1")
-    if moe:
-        m = keras_moe.MoE(
-            num_experts, expert_hidden_dim, k=k, importance_weight=importance_weight,
-            load_weight=load_weight, seed=seed, name="moe",
-        )(h)
-    else:
-        m = keras.layers.Dense(k * expert_hidden_dim, activation="relu", name="ffn_in")(h)
-        m = keras.layers.Dense(model_dim, name="ffn_out")(m)
-    m = keras.layers.Activation("sigmoid", name="moe_sigmoid")(m)
-    h2 = residual(m, h, "moe")
-    h3 = keras.layers.LSTM(model_dim, return_sequences=True, seed=seed, name="lstm_2")(h2)
-    h3 = residual(h3, h2, "lstm_2")
-    logits = keras.layers.Dense(vocab_size, name="softmax")(h3)
-    return keras.Model(tokens, logits, name=name)
+    return LanguageModel(
+        vocab_size, model_dim=model_dim, blocks=("lstm", "moe" if moe else "ffn", "lstm"),
+        num_experts=num_experts, expert_hidden_dim=expert_hidden_dim, k=k, dropout=dropout,
+        importance_weight=importance_weight, load_weight=load_weight, seed=seed, name=name,
+    )

@@ -45,21 +45,70 @@ def build_parser():
         "perplexity and expert load",
     )
     _add_dataclass_flags(demo, DemoConfig)
+
+    lm = sub.add_parser("lm", help="train and evaluate language models (Section 5.1, App. C)")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    train = lm_sub.add_parser(
+        "train", help="train a language model; a killed run resumes when started again"
+    )
+    train.add_argument("--config", help="YAML configuration file (see docs/lm.md)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one configuration key, e.g. --set train.steps=100 (repeatable)",
+    )
+    train.add_argument("--run-dir", required=True, help="directory that receives the run")
+    evaluate = lm_sub.add_parser(
+        "evaluate", help="per-word perplexity of a trained run on a corpus, printed as JSON"
+    )
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--data", required=True, help="file, glob or directory of text")
+    evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
+    lm_sub.add_parser("presets", help="list the language-model presets with their costs")
     return parser
+
+
+def run_lm(args):
+    """`keras-moe lm ...`: parse, call the library, print."""
+    import json
+
+    from keras_moe.pipelines import lm_train
+
+    if args.lm_command == "train":
+        from keras_moe.pipelines.config import load_config
+        from keras_moe.pipelines.lm_config import LMConfig
+
+        config = load_config(LMConfig, args.config, args.overrides)
+        results = lm_train.train(config, args.run_dir)
+        print(json.dumps({"run_dir": args.run_dir, "valid": results["valid"]}, indent=2))
+    elif args.lm_command == "evaluate":
+        print(json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format), indent=2))
+    else:
+        from keras_moe.models import presets
+
+        for name in presets.preset_names():
+            costs = presets.costs(name)
+            print(
+                f"{name:16s} ops/timestep {costs['ops_per_timestep'] / 1e6:6.2f}M   "
+                f"params without embedding and softmax {costs['params'] / 1e6:8.2f}M "
+                f"({costs['params_without_biases'] / 1e6:.1f}M without biases)"
+            )
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_environment(argv)
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from keras_moe.pipelines.demo import DemoConfig, run_demo
+    try:
+        if args.command == "demo":
+            from keras_moe.pipelines.demo import DemoConfig, run_demo
 
-        try:
             run_demo(_dataclass_from_args(DemoConfig, args))
-        except (FileNotFoundError, ValueError) as error:
-            print(f"keras-moe demo: error: {error}", file=sys.stderr)
-            return 2
+        elif args.command == "lm":
+            run_lm(args)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        command = " ".join(a for a in (args.command, getattr(args, "lm_command", None)) if a)
+        print(f"keras-moe {command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -81,15 +81,11 @@ def load_demo_text(config):
 
 def expert_load_table(model, inputs, batch_size=64):
     """Per-expert share of tokens on held-out windows (inference routing)."""
-    layer = model.get_layer("moe")
-    # The MoE's input is the output of the first LSTM's residual connection.
-    embed = keras.Model(model.input, model.get_layer("lstm_1_residual").output)
     counts = None
     for start in range(0, len(inputs), batch_size):
-        hidden = embed(inputs[start : start + batch_size], training=False)
-        mask = inputs[start : start + batch_size] != 0
-        _, routing = layer(hidden, training=False, mask=mask, return_routing=True)
-        c = routing.counts.numpy()
+        _, routings = model(inputs[start : start + batch_size], training=False,
+                            return_routing=True)
+        c = routings["moe"].counts.numpy()
         counts = c if counts is None else counts + c
     return counts
 

@@ -3,11 +3,14 @@
 import collections
 import json
 import math
+import os
 
 import numpy as np
-import tensorflow as tf
+
+from keras_moe.pipelines.lm_corpora import count_words
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
+FILENAME = "vocab.json"
 
 
 class WordVocabulary:
@@ -42,14 +45,122 @@ class WordVocabulary:
         unk = self.index[UNK]
         return [self.index.get(t, unk) for t in tokens] + [self.index[EOS]]
 
+    def encode_line(self, line):
+        """Ids of a line's whitespace words followed by `<eos>`."""
+        return self.encode(line.split())
+
+    def encode_lines(self, lines):
+        """`encode_line` of each line: a list of `list[int]`."""
+        return [self.encode(line.split()) for line in lines]
+
+    def words_in(self, line):
+        """Words of a line for per-word perplexity (`<eos>` counted)."""
+        return count_words(line)
+
+    def decode(self, ids):
+        """Text of ids: words joined by spaces, `<eos>` ends a line, `<pad>` skipped."""
+        lines, words = [], []
+        for i in ids:
+            word = self.words[int(i)]
+            if word == EOS:
+                lines.append(" ".join(words))
+                words = []
+            elif word != PAD:
+                words.append(word)
+        if words:
+            lines.append(" ".join(words))
+        return "\n".join(lines)
+
+    def __eq__(self, other):
+        return isinstance(other, WordVocabulary) and self.words == other.words
+
+    __hash__ = None
+
     def save(self, path):
+        """Write the words in id order to `path` as a JSON list."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.words, f, ensure_ascii=False)
 
+    def save_to(self, run_dir):
+        """Write `run_dir/vocab.json` (creating `run_dir`); returns its path."""
+        os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, FILENAME)
+        self.save(path)
+        return path
+
     @classmethod
     def load(cls, path):
-        with open(path, encoding="utf-8") as f:
-            return cls(json.load(f))
+        """Read a file written by `save`.
+
+        Raises:
+            FileNotFoundError: naming the file.
+            ValueError: naming the file when it is not a vocabulary.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                words = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a vocabulary file ({error})") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{path}: not a vocabulary file (expected a JSON list of strings)")
+        try:
+            return cls(words)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def load_vocabulary(run_dir):
+    """The vocabulary saved in a run directory, whichever kind it is.
+
+    `vocab.json` gives a `WordVocabulary`, `wordpiece.txt` a
+    `WordPieceVocabulary`; both share `encode_line`, `encode_lines`,
+    `words_in`, `decode` and `len`.
+
+    Raises:
+        FileNotFoundError: naming `run_dir` when it holds neither file.
+        ValueError: naming `run_dir` when it holds both (which one the
+            model was trained with cannot be told).
+    """
+    from keras_moe.pipelines import wordpiece
+
+    word_path = os.path.join(run_dir, FILENAME)
+    piece_path = os.path.join(run_dir, wordpiece.FILENAME)
+    found = [p for p in (word_path, piece_path) if os.path.isfile(p)]
+    if len(found) == 2:
+        raise ValueError(f"{run_dir}: holds both {FILENAME} and {wordpiece.FILENAME}; keep one")
+    if not found:
+        raise FileNotFoundError(
+            f"no vocabulary in {run_dir} (expected {FILENAME} or {wordpiece.FILENAME})"
+        )
+    if found[0] == word_path:
+        return WordVocabulary.load(word_path)
+    return wordpiece.WordPieceVocabulary.load(piece_path)
+
+
+def check_vocabulary_matches(vocab, vocab_size, source):
+    """Raise unless `vocab` has exactly `vocab_size` entries; returns `vocab`.
+
+    Args:
+        vocab: any vocabulary with `len`.
+        vocab_size: the model's vocabulary size (its embedding rows).
+        source: what to name in the error: the vocabulary file or run.
+
+    Raises:
+        ValueError: "<source>: the vocabulary has N entries but the model
+            expects M".
+
+    Example:
+
+    >>> check_vocabulary_matches(WordVocabulary([PAD, UNK, EOS, "a"]), 5, "run/vocab.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: run/vocab.json: the vocabulary has 4 entries but the model expects 5
+    """
+    if len(vocab) != vocab_size:
+        raise ValueError(
+            f"{source}: the vocabulary has {len(vocab)} entries but the model expects {vocab_size}"
+        )
+    return vocab
 
 
 def stream_windows(id_lines, length):
@@ -95,22 +206,10 @@ def perplexity(model, inputs, targets, weights, batch_size=64, words=None):
         dict with `perplexity`, `loss` (mean NLL per normalising unit, nats),
         `tokens` (predicted tokens, `<eos>` included) and `words`.
     """
-    total = 0.0
-    count = 0.0
-    for start in range(0, len(inputs), batch_size):
-        logits = model(inputs[start : start + batch_size], training=False)
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=targets[start : start + batch_size], logits=tf.cast(logits, tf.float32)
-        )
-        w = weights[start : start + batch_size]
-        total += float(tf.reduce_sum(nll * w))
-        count += float(w.sum())
-    units = float(words) if words else count
-    loss = total / units
-    return {
-        "perplexity": math.exp(loss),
-        "loss": loss,
-        "tokens": int(count),
-        "words": int(units),
-        "convention": "per token of the vocabulary, <eos> counted, whole set, exp(sum NLL / count)",
-    }
+    from keras_moe.pipelines.lm_input import perplexity_from_batches
+
+    batches = (
+        (inputs[i : i + batch_size], targets[i : i + batch_size], weights[i : i + batch_size])
+        for i in range(0, len(inputs), batch_size)
+    )
+    return perplexity_from_batches(model, batches, words=words)

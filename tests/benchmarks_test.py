@@ -32,3 +32,19 @@ def test_moe_layer_benchmark_quick_grid_writes_json(tmp_path, capsys):
     table = bench.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1
     assert "ideal" in capsys.readouterr().out
+
+
+def test_lm_throughput_benchmark_quick_writes_json(tmp_path, capsys):
+    bench = _load("lm_throughput")
+    out = tmp_path / "lm_throughput.json"
+    bench.main(["--quick", "--repeats", "1", "--pairs", "cpu-moe-32:cpu-dense",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["moe"]["preset"], row["dense"]["preset"]) == ("cpu-moe-32", "cpu-dense")
+    for side in ("moe", "dense"):
+        assert row[side]["tokens_per_second"] > 0
+    assert row["ratio"] == row["dense"]["tokens_per_second"] / row["moe"]["tokens_per_second"]
+    # Same per-token compute up to the gating matrices: 2*d*E = 2*16*32 ops.
+    assert row["moe"]["ops_per_timestep"] - row["dense"]["ops_per_timestep"] == 2 * 16 * 32
+    assert "dense/MoE" in capsys.readouterr().out

@@ -19,6 +19,10 @@ MODULES = [
     "keras_moe.batchwise",
     "keras_moe.monitoring",
     "keras_moe.models.lm",
+    "keras_moe.models.lstmp",
+    "keras_moe.models.softmax",
+    "keras_moe.models.presets",
+    "keras_moe.models.training",
 ]
 
 

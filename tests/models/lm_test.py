@@ -65,11 +65,14 @@ def test_dense_baseline_has_no_moe_and_k_times_hidden_units():
     assert not any(isinstance(layer, keras_moe.MoE) for layer in model.layers)
     with pytest.raises(ValueError):
         model.get_layer("moe")
-    assert model.get_layer("ffn_in").units == K * H
-    assert model.get_layer("ffn_out").units == D
+    ffn_in, ffn_out = model.get_layer("ffn").get_layer("ffn_in"), model.get_layer("ffn").get_layer(
+        "ffn_out"
+    )
+    assert ffn_in.units == K * H
+    assert ffn_out.units == D
     model(TOKENS[:, :2], training=False)
     # Same per-token compute as k experts of width H: d*kH + kH + kH*d + d.
-    ffn = model.get_layer("ffn_in").count_params() + model.get_layer("ffn_out").count_params()
+    ffn = ffn_in.count_params() + ffn_out.count_params()
     assert ffn == D * K * H + K * H + K * H * D + D
     assert tuple(model(TOKENS, training=False).shape) == (2, 7, V)
 

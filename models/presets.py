@@ -1,0 +1,192 @@
+"""Named language models of the paper (App. C.1, Table 7) and their cost accounting.
+
+Table 7 of Shazeer et al. (2017) compares, at about 8M multiply-adds per
+timestep, models that differ only in the middle of the stack: 4 and 32 to
+4096 experts (flat or hierarchical) against dense baselines of the same
+compute (a wide or a deep single expert, four LSTMs, a projected LSTM).
+`PRESETS` holds them as `LanguageModel` arguments, next to small `cpu-*`
+models for runs on a laptop. `costs` counts their multiply-adds per
+timestep and parameters the way the paper does (embedding and softmax
+excluded).
+
+Example:
+
+>>> sorted(PRESETS)[:3]
+['4xlstm-512', 'cpu-4xlstm', 'cpu-dense']
+>>> round(costs("moe-32")["params_without_biases"] / 1e6, 1)
+37.8
+"""
+
+import copy
+import inspect
+
+# The paper's 1B Word models (App. C.1): model width 512, experts of one
+# ReLU hidden layer of 1024, "2M ops/timestep" per LSTM and "1M" per expert.
+_PAPER = dict(model_dim=512, expert_hidden_dim=1024, dropout=0.1)
+# A laptop-sized stack with the same shape, and its compute-matched baselines.
+_CPU = dict(model_dim=256, expert_hidden_dim=256, dropout=0.2)
+
+PRESETS = {
+    # Flat MoE between two LSTMs, k=4 of E experts (Table 7, MoE-4..MoE-256).
+    "moe-4": dict(_PAPER, num_experts=4, k=4),
+    "moe-32": dict(_PAPER, num_experts=32, k=4),
+    "moe-256": dict(_PAPER, num_experts=256, k=4),
+    # Hierarchical MoE (App. B): 16 groups, 2 groups x 2 experts per position.
+    "moe-256-h": dict(_PAPER, num_experts=256, num_groups=16, k=2),
+    "moe-1024-h": dict(_PAPER, num_experts=1024, num_groups=16, k=2),
+    "moe-4096-h": dict(_PAPER, num_experts=4096, num_groups=16, k=2),
+    # Compute-matched dense baselines.
+    "lstm-2048-512": dict(_PAPER, blocks=("lstm",), lstm_units=2048, lstm_projection=512),
+    "4xlstm-512": dict(_PAPER, blocks=("lstm",) * 4),
+    "moe-1-wide": dict(_PAPER, num_experts=1, expert_hidden_dim=4096, k=1),
+    "moe-1-deep": dict(_PAPER, num_experts=1, expert_hidden_layers=4, k=1),
+    # Laptop presets.
+    "cpu-moe-32": dict(_CPU, num_experts=32, k=4),
+    # Same per-token multiply-adds as cpu-moe-32 up to its gating matrices:
+    # one ReLU layer of k * expert hidden = 4 * 256 units.
+    "cpu-dense": dict(_CPU, blocks=("lstm", "ffn", "lstm"), ffn_hidden_dim=1024, k=4),
+    "cpu-moe-32-h": dict(_CPU, num_experts=32, num_groups=4, k=2),
+    "cpu-4xlstm": dict(_CPU, blocks=("lstm",) * 4),
+}
+
+
+def preset_names():
+    """The preset names, sorted."""
+    return sorted(PRESETS)
+
+
+def get_preset(name):
+    """A copy of preset `name`'s `LanguageModel` arguments (without `vocab_size`)."""
+    if name not in PRESETS:
+        raise ValueError(
+            f"Unknown preset {name!r}. Known presets: {', '.join(preset_names())}"
+        )
+    return copy.deepcopy(PRESETS[name])
+
+
+def _language_model_defaults():
+    """`LanguageModel`'s keyword arguments and defaults, read from its signature."""
+    from keras_moe.models.lm import LanguageModel
+
+    parameters = inspect.signature(LanguageModel.__init__).parameters
+    return {
+        name: p.default
+        for name, p in parameters.items()
+        if name not in ("self", "vocab_size") and p.kind is p.POSITIONAL_OR_KEYWORD
+    }
+
+
+def _check_arguments(kwargs, what):
+    unknown = sorted(set(kwargs) - set(_language_model_defaults()))
+    if unknown:
+        raise ValueError(
+            f"Unknown {what} {', '.join(map(repr, unknown))}: not a LanguageModel argument. "
+            f"Known: {', '.join(sorted(_language_model_defaults()))}"
+        )
+
+
+def build_language_model(preset, vocab_size, **overrides):
+    """`LanguageModel(vocab_size, **preset arguments, **overrides)`.
+
+    Args:
+        preset: a preset name (see `preset_names()`).
+        vocab_size: int, including padding id 0 and `<eos>`.
+        **overrides: `LanguageModel` keyword arguments that replace the
+            preset's (e.g. `num_sampled=8192`, `seed=1`).
+
+    Returns:
+        An unbuilt `keras_moe.models.lm.LanguageModel`.
+    """
+    from keras_moe.models.lm import LanguageModel
+
+    kwargs = get_preset(preset)
+    _check_arguments(overrides, "override")
+    kwargs.update(overrides)
+    return LanguageModel(vocab_size, **kwargs)
+
+
+def costs(preset_or_kwargs):
+    """Multiply-adds per timestep and parameters, embedding and softmax excluded.
+
+    Counted as in the paper (App. C, Table 7): the multiply-adds of the
+    weight matrices one position goes through, i.e. each LSTM's, the `k`
+    experts it is sent to (`k * k` for a hierarchical MoE, `k` groups times
+    `k` experts), the gating matrices it is scored by (`w_gate`, and
+    `w_noise` for the noisy gate), and a dense block's; parameters count
+    every expert and every gating matrix.
+
+    Args:
+        preset_or_kwargs: a preset name, or a dict of `LanguageModel`
+            arguments (`vocab_size` is ignored; missing ones take
+            `LanguageModel`'s defaults).
+
+    Returns:
+        dict with int `ops_per_timestep`, `params` (biases included, as the
+        model has them) and `params_without_biases` (as the paper counts).
+    """
+    if isinstance(preset_or_kwargs, str):
+        given = get_preset(preset_or_kwargs)
+    else:
+        given = dict(preset_or_kwargs)
+        given.pop("vocab_size", None)
+        _check_arguments(given, "argument")
+    a = {**_language_model_defaults(), **given}
+    d = a["model_dim"]
+    ops = weights = biases = 0
+    for block in a["blocks"]:
+        if block == "lstm":
+            u = a["lstm_units"] or d
+            p = a["lstm_projection"]
+            recurrent = p or u
+            # Four gates from [x_t, r_{t-1}] (widths d and p or u), plus
+            # LSTMP's projection u x p (no bias); one bias per gate unit.
+            matrices = 4 * u * (d + recurrent) + (u * p if p else 0)
+            ops += matrices
+            weights += matrices
+            biases += 4 * u
+        elif block == "ffn":
+            f = a["ffn_hidden_dim"] or a["k"] * a["expert_hidden_dim"]
+            # d -> f -> d, biases f and d.
+            ops += 2 * d * f
+            weights += 2 * d * f
+            biases += f + d
+        else:
+            block_ops, block_weights, block_biases = _moe_costs(a)
+            ops += block_ops
+            weights += block_weights
+            biases += block_biases
+    return {
+        "ops_per_timestep": ops,
+        "params": weights + biases,
+        "params_without_biases": weights,
+    }
+
+
+def _moe_costs(a):
+    """`(ops, weights, biases)` of one MoE block; see `costs`."""
+    d, h, layers = a["model_dim"], a["expert_hidden_dim"], a["expert_hidden_layers"]
+    e, k, groups = a["num_experts"], a["k"], a["num_groups"]
+    # One expert: d x h, (layers - 1) h x h, h x d; biases h per hidden
+    # layer and d at the output. The paper's: 512*1024 + 1024*512 = 1M.
+    expert = d * h + (layers - 1) * h * h + h * d
+    expert_biases = layers * h + d
+    # Scoring matrices evaluated per position: w_gate, plus w_noise for the
+    # noisy gate (evaluated in training, which is what the paper counts).
+    scored = 2 if a["gating"] == "noisy_top_k" else 1
+    if groups:
+        per_group = e // groups
+        # Primary gate d x G, then the secondary gates d x E/G of the k
+        # chosen groups; k experts in each of those k groups.
+        ops = k * k * expert + scored * d * groups + k * scored * d * per_group
+        # Every gate: primary w_gate, w_noise [d, G]; secondary [G, d, E/G] each.
+        gating_weights, gating_biases = 2 * d * groups + 2 * d * e, 0
+    else:
+        ops = k * expert + scored * d * e
+        if a["gating"] == "batchwise":
+            # w_gate [d, E] and one learned threshold per expert (App. F).
+            gating_weights, gating_biases = d * e, e
+        else:
+            # w_gate and w_noise, [d, E] each (w_noise exists for every
+            # NoisyTopKGating type, used or not).
+            gating_weights, gating_biases = 2 * d * e, 0
+    return ops, e * expert + gating_weights, e * expert_biases + gating_biases

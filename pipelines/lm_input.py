@@ -1,0 +1,214 @@
+"""Streaming `tf.data` input for language models, and exact whole-set perplexity.
+
+Text is read line by line and encoded in chunks, so a corpus never has to fit
+in memory. Two ways to cut it into rows:
+
+- `stream`: the corpus is one token stream (every line ends in `<eos>`, and
+  an `<eos>` is put in front of the first line so the first word is
+  predicted too); rows are fixed windows of `seq_len` inputs and their
+  next-token targets. Each pass over the training data starts at a random
+  offset, so window boundaries move between passes. This is the usual
+  Penn Treebank setup.
+- `sentences`: every line is its own row, `<eos>` in front as the start
+  symbol and `<eos>` as the last target (the 1B Word setup, whose lines are
+  shuffled sentences). Rows are grouped by length and batched so that a
+  batch holds about `batch_tokens` tokens.
+
+Every row comes with weights: 1 for a real target, 0 for padding. Every
+token of an evaluation file is predicted exactly once, and perplexity is
+`exp(sum NLL / count)` over the whole file.
+"""
+
+import itertools
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+CHUNK_LINES = 512
+
+
+def encoded_lines(lines, vocab):
+    """Ids of every line (each ending in `<eos>`), encoded `CHUNK_LINES` at a time."""
+    lines = iter(lines)
+    while chunk := list(itertools.islice(lines, CHUNK_LINES)):
+        yield from vocab.encode_lines(chunk)
+
+
+def _eos_id(vocab):
+    return vocab.encode_lines([""])[0][-1]
+
+
+def stream_windows(lines, vocab, seq_len, offset=0):
+    """`(inputs, targets, weights)` windows of `seq_len` over the token stream.
+
+    The last window is padded with id 0 and weight 0. `offset` tokens at the
+    start of the stream are skipped (used to move window boundaries).
+    """
+    buffer = [_eos_id(vocab)]
+    skip = offset
+    for ids in encoded_lines(lines, vocab):
+        buffer.extend(ids)
+        if skip:
+            dropped = min(skip, len(buffer) - 1)
+            del buffer[:dropped]
+            skip -= dropped
+        while len(buffer) > seq_len:
+            window = np.asarray(buffer[: seq_len + 1], np.int32)
+            yield window[:-1], window[1:], np.ones(seq_len, np.float32)
+            del buffer[:seq_len]
+    if len(buffer) > 1:
+        n = len(buffer) - 1
+        inputs, targets = np.zeros(seq_len, np.int32), np.zeros(seq_len, np.int32)
+        inputs[:n], targets[:n] = buffer[:-1], buffer[1:]
+        weights = np.zeros(seq_len, np.float32)
+        weights[:n] = 1.0
+        yield inputs, targets, weights
+
+
+def sentence_rows(lines, vocab, max_len=None):
+    """`(inputs, targets, weights)` per line: `<eos>` + ids[:-1] -> ids.
+
+    With `max_len`, a longer line is cut to its first `max_len` targets.
+    """
+    eos = None
+    for ids in encoded_lines(lines, vocab):
+        if eos is None:
+            eos = ids[-1]
+        if max_len:
+            ids = ids[:max_len]
+        targets = np.asarray(ids, np.int32)
+        inputs = np.concatenate([[eos], targets[:-1]]).astype(np.int32)
+        yield inputs, targets, np.ones(len(ids), np.float32)
+
+
+def _bucket_boundaries(max_len):
+    bounds, b = [], 8
+    while b < max_len:
+        bounds.append(b)
+        b *= 2
+    return bounds
+
+
+def training_dataset(lines_factory, vocab, data_config, seed=0, repeat=True):
+    """The training `tf.data.Dataset` of `(inputs, targets, weights)` batches.
+
+    Args:
+        lines_factory: callable returning a fresh iterator of text lines
+            (called once per pass over the data).
+        vocab: a vocabulary with `encode_lines`.
+        data_config: a `DataConfig` (`mode`, `seq_len`, `batch_size`,
+            `batch_tokens`, `max_sentence_len`, `shuffle_buffer`).
+        seed: int, seeds the shuffle and the window offsets.
+        repeat: bool, cycle through the data forever.
+    """
+    c = data_config
+    passes = itertools.count()
+
+    if c.mode == "stream":
+
+        def generate():
+            rng = np.random.default_rng([seed, next(passes)])
+            yield from stream_windows(lines_factory(), vocab, c.seq_len, int(rng.integers(c.seq_len)))
+
+        shape = [c.seq_len]
+    else:
+
+        def generate():
+            yield from sentence_rows(lines_factory(), vocab, c.max_sentence_len)
+
+        shape = [None]
+    spec = (
+        tf.TensorSpec(shape, tf.int32),
+        tf.TensorSpec(shape, tf.int32),
+        tf.TensorSpec(shape, tf.float32),
+    )
+    ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    if c.shuffle_buffer > 1:
+        ds = ds.shuffle(c.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    if c.mode == "stream":
+        ds = ds.batch(c.batch_size, drop_remainder=repeat)
+    else:
+        bounds = _bucket_boundaries(c.max_sentence_len)
+        sizes = [max(1, c.batch_tokens // b) for b in bounds + [c.max_sentence_len]]
+        ds = ds.bucket_by_sequence_length(
+            lambda x, y, w: tf.shape(x)[0], bounds, sizes, drop_remainder=False
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_batches(lines, vocab, data_config):
+    """Batches `(inputs, targets, weights)` covering an evaluation text in order.
+
+    Stream mode uses windows of `eval_seq_len` (or `seq_len`); sentences mode
+    keeps every sentence whole. Every batch has `eval_batch_size` rows (the
+    last is padded with weight-0 rows) so a compiled step is traced once per
+    row length.
+    """
+    c = data_config
+    if c.mode == "stream":
+        rows = stream_windows(lines, vocab, c.eval_seq_len or c.seq_len)
+    else:
+        rows = sentence_rows(lines, vocab)
+    while batch := list(itertools.islice(rows, c.eval_batch_size)):
+        width = max(len(r[0]) for r in batch)
+        out = [np.zeros((c.eval_batch_size, width), dt) for dt in (np.int32, np.int32, np.float32)]
+        for i, row in enumerate(batch):
+            for array, values in zip(out, row, strict=True):
+                array[i, : len(values)] = values
+        yield tuple(out)
+
+
+def perplexity_from_batches(model, batches, words=None):
+    """Whole-set perplexity `exp(sum NLL / count)` of `model` on `batches`.
+
+    The negative log-likelihood is summed over every weighted target and
+    divided once, so batches of unequal fill do not bias the result (as an
+    average of per-batch perplexities would).
+
+    Args:
+        model: maps ids `[b, t]` to logits `[b, t, V]`.
+        batches: iterable of `(inputs, targets, weights)`.
+        words: optional number of words to normalise by instead of the
+            number of predicted tokens (sub-word vocabularies): the result
+            is then a per-word perplexity comparable across vocabularies.
+
+    Returns:
+        dict with `perplexity`, `loss` (NLL per normalising unit, nats),
+        `tokens` (predicted tokens, `<eos>` included), `words` and
+        `convention`.
+    """
+
+    def summed_nll(inputs, targets, weights):
+        logits = tf.cast(model(inputs, training=False), tf.float32)
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        return tf.reduce_sum(tf.cast(nll, tf.float64) * tf.cast(weights, tf.float64))
+
+    if isinstance(model, keras.Layer):
+        # Compiled once per model (an eager LSTM steps through time in
+        # Python) and kept on the model, outside Keras's attribute tracking.
+        compiled = model.__dict__.get("_keras_moe_eval_step")
+        if compiled is None:
+            compiled = tf.function(summed_nll, reduce_retracing=True)
+            object.__setattr__(model, "_keras_moe_eval_step", compiled)
+        summed_nll = compiled
+
+    total, count = 0.0, 0.0
+    for inputs, targets, weights in batches:
+        total += float(summed_nll(inputs, targets, weights))
+        count += float(np.sum(weights))
+    if count == 0:
+        raise ValueError("the evaluation data has no token to predict")
+    units = float(words) if words else count
+    loss = total / units
+    per = "word" if words else "token"
+    return {
+        "perplexity": math.exp(loss),
+        "loss": loss,
+        "tokens": int(count),
+        "words": int(units),
+        "convention": f"per {per}, <eos> counted, whole set: exp(sum NLL / {per}s)",
+    }

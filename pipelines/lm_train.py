@@ -1,0 +1,384 @@
+"""Train and evaluate language models: the library behind `keras-moe lm`.
+
+`train(config, run_dir)` runs `model.fit` with the paper's optimiser and
+schedule and writes everything into `run_dir`:
+
+```
+run_dir/config.yaml          the resolved configuration (written first)
+run_dir/vocab.json           the vocabulary (or wordpiece.txt)
+run_dir/tensorboard/         loss, perplexity, learning rate, routing metrics
+                             per MoE layer, routing histograms and bar charts
+run_dir/checkpoints/         last.keras (every evaluation) and best.keras
+run_dir/backup/              BackupAndRestore state: a killed run resumes here
+run_dir/history.csv          one row per evaluation
+run_dir/model.keras          the final model
+run_dir/results.json         final validation (and test) perplexity, wall time
+```
+
+Running `train` again on the same directory with the same configuration
+resumes from the backup; a different configuration is refused, and nothing
+already in the directory is deleted or overwritten by a refused run.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_moe
+from keras_moe.models import presets
+from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
+from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines import lm_corpora, lm_input
+from keras_moe.pipelines.lm_config import LMConfig
+from keras_moe.pipelines.lm_data import WordVocabulary, check_vocabulary_matches, load_vocabulary
+from keras_moe.pipelines.wordpiece import WordPieceVocabulary
+
+CONVENTION = (
+    "perplexity per word: exp(total negative log-likelihood / words), every word of the file "
+    "and one end-of-sentence per line counted, summed over the whole file"
+)
+
+
+def lines_factory(data_config, split):
+    """A callable returning a fresh iterator over the lines of `split`."""
+    spec = getattr(data_config, split)
+    if not spec:
+        raise ValueError(f"`data.{split}` is empty: name a file, glob, directory or dataset")
+    fmt = data_config.format
+    kwargs = {"data_dir": data_config.tfds_data_dir} if fmt == "tfds" else {}
+
+    def factory():
+        return lm_corpora.iter_lines(spec, format=fmt, split=split, **kwargs)
+
+    return factory
+
+
+def check_inputs(config):
+    """Fail before anything is written: the preset exists, every corpus can be read.
+
+    The evaluation files are read through (they are small next to the
+    training text, and a bad byte at their end would otherwise stop the run
+    at its first evaluation); the training text is read while the
+    vocabulary is built, also before the run directory is touched.
+    """
+    presets.get_preset(config.model.preset)
+    next(iter(lines_factory(config.data, "train")()))
+    for split in ("valid", "test"):
+        if split == "valid" or config.data.test:
+            for _ in lines_factory(config.data, split)():
+                pass
+
+
+# Keys that only steer how a run is executed: a resumed run may change them.
+RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
+
+
+def _comparable(config):
+    data = config_lib.to_dict(config)
+    for key in RUN_CONTROL_KEYS:
+        data["train"].pop(key)
+    return data
+
+
+def prepare_run_dir(config, run_dir):
+    """Create `run_dir` and write `config.yaml`, or check it for a resumed run.
+
+    Returns:
+        True when the directory already held this run (it resumes).
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(os.path.join(run_dir, "model.keras")):
+        raise ValueError(
+            f"{run_dir}: holds a finished run (model.keras); choose a new --run-dir"
+        )
+    resumed = os.path.exists(path)
+    if resumed:
+        saved = config_lib.load_config(LMConfig, path)
+        if _comparable(saved) != _comparable(config):
+            raise ValueError(
+                f"{path}: the run directory holds a different configuration; resume with the "
+                "same configuration (only train.time_limit_minutes and train.verbose may "
+                "change) or choose a new --run-dir"
+            )
+    os.makedirs(run_dir, exist_ok=True)
+    config_lib.save_config(config, path)
+    return resumed
+
+
+def build_vocabulary(config, run_dir):
+    """The run's saved vocabulary, or a new one learned from the training text.
+
+    A new vocabulary is returned unsaved (`save_vocabulary` writes it once
+    the run directory is prepared), so bad training text fails first.
+    """
+    try:
+        return load_vocabulary(run_dir)
+    except FileNotFoundError:
+        pass
+    c = config.data
+    lines = lines_factory(c, "train")()
+    limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
+    if c.vocabulary == "wordpiece":
+        return WordPieceVocabulary.learn(limited, c.vocab_size)
+    return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
+
+
+def save_vocabulary(vocab, run_dir):
+    if isinstance(vocab, WordPieceVocabulary):
+        vocab.save(run_dir)
+    else:
+        vocab.save(os.path.join(run_dir, "vocab.json"))
+
+
+def build_model(config, vocab_size):
+    model = presets.build_language_model(
+        config.model.preset, vocab_size, seed=config.train.seed, **config.model.overrides()
+    )
+    # Built now: BackupAndRestore restores weights into a built model only.
+    model.build((None, None))
+    t = config.train
+    optimizer = keras.optimizers.Adam(
+        WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay),
+        beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight"
+        ),
+        # Sampled-softmax training never builds the full logits a metric needs.
+        weighted_metrics=None if model.num_sampled else [TokenPerplexity()],
+    )
+    return model
+
+
+def evaluate_lines(model, lines_factory_, vocab, data_config):
+    """Per-word perplexity of `model` on every line of a corpus."""
+    words = 0
+
+    def counted():
+        nonlocal words
+        for line in lines_factory_():
+            words += lm_corpora.count_words(line)
+            yield line
+
+    batches = lm_input.evaluation_batches(counted(), vocab, data_config)
+    result = lm_input.perplexity_from_batches(model, batches, words=None)
+    # The generator is exhausted now, so `words` is the file's word count.
+    result["loss"] = result["loss"] * result["tokens"] / words
+    result["perplexity"] = float(np.exp(result["loss"]))
+    result["words"] = words
+    result["convention"] = CONVENTION
+    return result
+
+
+def _cv(values):
+    mean = float(np.mean(values))
+    return float(np.std(values) / mean) if mean > 0 else 0.0
+
+
+def routing_report(model, lines_factory_, vocab, data_config):
+    """Expert balance of every MoE block on a corpus, as the paper's Table 6 reports it.
+
+    Routing is taken in inference mode (no noise), so Load is the number of
+    positions sent to each expert. For each MoE block: CV (std / mean) of
+    Importance and Load and max / mean Load, averaged over the evaluation
+    batches (`batch_*`, the paper's per-batch statistics) and over the whole
+    corpus (`set_*`), and the number of experts that received no position.
+
+    Returns:
+        dict block name -> statistics; empty for a model without MoE.
+    """
+    if not any(block == "moe" for block in model.blocks):
+        return {}
+    step = tf.function(lambda x: model(x, training=False, return_routing=True)[1])
+    stats = {}
+    for inputs, _, _ in lm_input.evaluation_batches(lines_factory_(), vocab, data_config):
+        for name, routing in step(inputs).items():
+            importance = np.asarray(routing.importance, np.float64)
+            counts = np.asarray(routing.counts, np.float64)
+            s = stats.setdefault(name, {"importance": 0.0, "counts": 0.0, "batches": []})
+            s["importance"] = s["importance"] + importance
+            s["counts"] = s["counts"] + counts
+            s["batches"].append(
+                (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
+            )
+    report = {}
+    for name, s in stats.items():
+        batch = np.mean(s["batches"], axis=0)
+        report[name] = {
+            "batch_cv_importance": float(batch[0]),
+            "batch_cv_load": float(batch[1]),
+            "batch_max_mean_load": float(batch[2]),
+            "set_cv_importance": _cv(s["importance"]),
+            "set_cv_load": _cv(s["counts"]),
+            "set_max_mean_load": float(s["counts"].max() / s["counts"].mean()),
+            "experts_without_positions": int(np.sum(s["counts"] == 0)),
+            "batches": len(s["batches"]),
+        }
+    return report
+
+
+class ValidationPerplexity(keras.callbacks.Callback):
+    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs."""
+
+    def __init__(self, lines_factory_, vocab, data_config):
+        super().__init__()
+        self.lines_factory = lines_factory_
+        self.vocab = vocab
+        self.data_config = data_config
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        result = evaluate_lines(self.model, self.lines_factory, self.vocab, self.data_config)
+        logs["val_loss"] = result["loss"]
+        logs["val_perplexity"] = result["perplexity"]
+
+
+class WallClockLimit(keras.callbacks.Callback):
+    """Stops training once `minutes` of wall time have passed since `fit` began."""
+
+    def __init__(self, minutes):
+        super().__init__()
+        self.seconds = minutes * 60.0
+        self.start = None
+        self.stopped_at_step = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.monotonic() - self.start > self.seconds and not self.model.stop_training:
+            self.model.stop_training = True
+            self.stopped_at_step = int(self.model.optimizer.iterations.numpy())
+
+
+def make_callbacks(config, run_dir, vocab, model):
+    t = config.train
+    log_dir = os.path.join(run_dir, "tensorboard")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    os.makedirs(checkpoints, exist_ok=True)
+    callbacks = [
+        # First, so that a resumed run has its weights back before anything else runs.
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        keras.callbacks.TerminateOnNaN(),
+        # Before the loggers and checkpoints, which read the values it adds.
+        ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(checkpoints, "best.keras"), monitor="val_perplexity", mode="min",
+            save_best_only=True,
+        ),
+        keras.callbacks.TensorBoard(log_dir, update_freq=t.monitor_every_n_steps),
+    ]
+    if any(isinstance(layer, (keras_moe.MoE, keras_moe.HierarchicalMoE)) for layer in model.layers):
+        callbacks.append(keras_moe.RoutingMonitor(log_dir, every_n_steps=t.monitor_every_n_steps))
+    if t.time_limit_minutes:
+        callbacks.append(WallClockLimit(t.time_limit_minutes))
+    return callbacks
+
+
+def train(config, run_dir):
+    """Train the language model `config` describes; write the run into `run_dir`.
+
+    Args:
+        config: an `LMConfig`.
+        run_dir: the run directory (created; resumed when it holds a backup
+            of the same configuration).
+
+    Returns:
+        The results dict also written to `run_dir/results.json`.
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file or key at fault;
+            raised before the run directory is touched.
+    """
+    if not isinstance(config, LMConfig):
+        raise TypeError(f"`config` must be an LMConfig. Received: {type(config).__name__}")
+    check_inputs(config)
+    vocab = build_vocabulary(config, run_dir)
+    resumed = prepare_run_dir(config, run_dir)
+    if not resumed:
+        save_vocabulary(vocab, run_dir)
+    keras.utils.set_random_seed(config.train.seed)
+    model = build_model(config, len(vocab))
+    t = config.train
+    dataset = lm_input.training_dataset(
+        lines_factory(config.data, "train"), vocab, config.data, seed=t.seed
+    )
+    callbacks = make_callbacks(config, run_dir, vocab, model)
+    epochs = -(-t.steps // t.steps_per_eval)
+    start = time.time()
+    history = model.fit(
+        dataset, epochs=epochs, steps_per_epoch=t.steps_per_eval, callbacks=callbacks,
+        verbose=t.verbose, shuffle=False,  # the dataset shuffles itself
+    )
+    train_seconds = time.time() - start
+    model.save(os.path.join(run_dir, "model.keras"))
+    results = {
+        "preset": config.model.preset,
+        "resumed": resumed,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "train_seconds": round(train_seconds, 1),
+        "costs": presets.costs(model.get_config()),
+        "valid": evaluate_lines(model, lines_factory(config.data, "valid"), vocab, config.data),
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "routing_valid": routing_report(
+            model, lines_factory(config.data, "valid"), vocab, config.data
+        ),
+    }
+    if config.data.test:
+        results["test"] = evaluate_lines(
+            model, lines_factory(config.data, "test"), vocab, config.data
+        )
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def load_run(run_dir):
+    """The configuration, vocabulary and model of a run directory."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = config_lib.load_config(LMConfig, path)
+    vocab = load_vocabulary(run_dir)
+    for name in ("model.keras", os.path.join("checkpoints", "last.keras")):
+        model_path = os.path.join(run_dir, name)
+        if os.path.exists(model_path):
+            break
+    else:
+        raise FileNotFoundError(f"{run_dir}: no model.keras or checkpoints/last.keras")
+    model = keras.saving.load_model(model_path, compile=False)
+    check_vocabulary_matches(vocab, model.vocab_size, model_path)
+    return config, vocab, model, model_path
+
+
+def evaluate(run_dir, data, format=None):
+    """Per-word perplexity of a run's model on the corpus `data`.
+
+    Args:
+        run_dir: a directory written by `train`.
+        data: file, glob or directory (or what `format` expects).
+        format: corpus format; default the run's `data.format`.
+
+    Returns:
+        dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
+        `data` and `model`.
+    """
+    config, vocab, model, model_path = load_run(run_dir)
+    data_config = config_lib.from_dict(
+        type(config.data), {**config_lib.to_dict(config.data), "test": data,
+                            "format": format or config.data.format}
+    )
+    factory = lines_factory(data_config, "test")
+    next(iter(factory()))  # a missing or empty corpus fails here, naming the file
+    result = evaluate_lines(model, factory, vocab, data_config)
+    routing = routing_report(model, factory, vocab, data_config)
+    return {**result, "data": data, "model": model_path, **({"routing": routing} if routing else {})}

@@ -1,0 +1,229 @@
+"""End-to-end tests of `keras-moe lm train` / `lm evaluate` on small files written here."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+from keras_moe.pipelines import lm_train
+from keras_moe.pipelines.config import ConfigError, load_config
+from keras_moe.pipelines.lm_config import LMConfig
+
+WORDS = "the cat sat on a mat while dogs ran to the big red barn and slept".split()
+
+
+def write_corpus(path, lines=200, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(lines):
+            n = int(rng.integers(3, 12))
+            f.write(" ".join(rng.choice(WORDS, n)) + "\n")
+    return str(path)
+
+
+TINY = [
+    "model.preset=cpu-moe-32", "model.model_dim=16", "model.num_experts=4",
+    "model.expert_hidden_dim=8", "model.k=2", "data.seq_len=8", "data.batch_size=4",
+    "data.vocab_size=40", "train.steps=2", "train.steps_per_eval=1", "train.warmup_steps=1",
+    "train.monitor_every_n_steps=1", "train.verbose=0",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return {
+        "train": write_corpus(tmp_path / "train.txt", 200, 0),
+        "valid": write_corpus(tmp_path / "valid.txt", 30, 1),
+    }
+
+
+def tiny_config(corpus, *extra):
+    return load_config(
+        LMConfig, None,
+        [f"data.train={corpus['train']}", f"data.valid={corpus['valid']}", *TINY, *extra],
+    )
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "keras_moe.pipelines.cli", *args], capture_output=True,
+        text=True, env=env, cwd=cwd, timeout=300,
+    )
+
+
+def test_cli_two_step_run_then_evaluate(tmp_path, corpus):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(
+        yaml.safe_dump({"data": {"train": corpus["train"], "valid": corpus["valid"]}})
+    )
+    run_dir = tmp_path / "run"
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    done = run_cli("lm", "train", "--config", str(config_file), *sets, "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.yaml", "vocab.json", "model.keras", "results.json", "history.csv",
+                 "checkpoints/last.keras", "checkpoints/best.keras"):
+        assert (run_dir / name).exists(), name
+    saved = load_config(LMConfig, run_dir / "config.yaml")
+    assert saved.train.steps == 2 and saved.model.num_experts == 4
+    assert saved.data.train == corpus["train"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 2
+    # Every word plus one <eos> per line of the validation file.
+    lines = open(corpus["valid"]).read().split("\n")
+    words = sum(len(line.split()) + 1 for line in lines if line.strip())
+    assert results["valid"]["words"] == words == results["valid"]["tokens"]
+    # Two steps from a uniform start: perplexity near the vocabulary size.
+    assert 5 < results["valid"]["perplexity"] < 60
+    assert len(results["history"]["val_perplexity"]) == 2
+    assert any(name.startswith("moe_") for name in results["history"])
+    assert set(results["routing_valid"]) == {"moe"}
+    assert results["costs"]["ops_per_timestep"] > 0
+
+    done = run_cli("lm", "evaluate", "--run-dir", str(run_dir), "--data", corpus["valid"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    evaluated = json.loads(done.stdout)
+    for key in ("perplexity", "tokens", "words", "loss"):
+        assert key in evaluated
+    assert evaluated["perplexity"] == pytest.approx(results["valid"]["perplexity"], rel=1e-5)
+    assert evaluated["loss"] == pytest.approx(math.log(evaluated["perplexity"]), rel=1e-9)
+    assert "per word" in evaluated["convention"]
+    assert evaluated["routing"]["moe"] == pytest.approx(results["routing_valid"]["moe"])
+
+
+def test_tensorboard_has_loss_perplexity_learning_rate_and_routing(tmp_path, corpus):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run_dir = tmp_path / "run"
+    lm_train.train(tiny_config(corpus), str(run_dir))
+    tags = set()
+    for root, _, files in os.walk(run_dir / "tensorboard"):
+        if any(f.startswith("events.out") for f in files):
+            acc = event_accumulator.EventAccumulator(root, size_guidance={"tensors": 0})
+            acc.Reload()
+            tags |= set(acc.Tags()["tensors"]) | set(acc.Tags()["scalars"])
+    for tag in ("epoch_loss", "epoch_perplexity", "epoch_learning_rate"):
+        assert tag in tags, sorted(tags)
+    assert any("val_perplexity" in tag or tag == "epoch_perplexity" for tag in tags)
+    assert any(tag.startswith("moe") and "max_mean" in tag for tag in tags), sorted(tags)
+
+
+def test_rerun_resumes_and_different_config_is_refused(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    config = tiny_config(corpus, "train.time_limit_minutes=0.0001")
+    first = lm_train.train(config, str(run_dir))
+    assert first["steps"] == 1  # the wall-clock limit stopped it after one step
+    os.remove(run_dir / "model.keras")  # as if the process had been killed before the end
+    before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "vocab.json")}
+
+    changed = tiny_config(corpus, "train.time_limit_minutes=0.0001", "model.dropout=0.5")
+    with pytest.raises(ValueError, match="different configuration"):
+        lm_train.train(changed, str(run_dir))
+    assert {p: (run_dir / p).read_bytes() for p in before} == before
+
+    resumed = lm_train.train(tiny_config(corpus), str(run_dir))
+    assert resumed["resumed"] is True
+    assert resumed["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.train={missing}", "missing.txt"),
+        ("data.valid={empty}", "empty.txt"),
+        ("data.train={binary}", "binary.txt:2"),
+        ("model.preset=moe-3", "moe-3"),
+    ],
+)
+def test_bad_input_names_the_culprit_and_writes_nothing(tmp_path, corpus, override, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"good line\nbad \xff\xfe line\n")
+    value = override.format(missing=tmp_path / "missing.txt", empty=empty, binary=binary)
+    run_dir = tmp_path / "run"
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        lm_train.train(tiny_config(corpus, value), str(run_dir))
+    assert not run_dir.exists()
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, corpus):
+    done = run_cli("lm", "train", "--set", "modle.k=2", "--run-dir", str(tmp_path / "r"))
+    assert done.returncode == 2
+    assert "modle" in done.stderr
+    done = run_cli("lm", "evaluate", "--run-dir", str(tmp_path / "nothing"), "--data", "x.txt")
+    assert done.returncode == 2 and "config.yaml" in done.stderr
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*train\.stepz"):
+        load_config(LMConfig, bad)
+
+
+def test_vocabulary_that_does_not_match_the_model_is_refused(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    lm_train.train(tiny_config(corpus), str(run_dir))
+    vocab = json.loads((run_dir / "vocab.json").read_text())
+    (run_dir / "vocab.json").write_text(json.dumps(vocab[:-1]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        lm_train.evaluate(str(run_dir), corpus["valid"])
+    assert (run_dir / "model.keras").exists()
+
+
+def test_finished_model_reloads_without_custom_objects_in_a_new_process(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    lm_train.train(tiny_config(corpus), str(run_dir))
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    tokens = np.array([[3, 4, 5, 6]], np.int32)
+    expected = np.asarray(model(tokens, training=False))
+    np.save(tmp_path / "tokens.npy", tokens)
+    code = (
+        "import numpy as np, keras, keras_moe.models; "
+        f"m = keras.saving.load_model({str(run_dir / 'model.keras')!r}); "
+        f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(m(np.load("
+        f"{str(tmp_path / 'tokens.npy')!r}), training=False)))"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_report_on_a_router_that_sends_everything_to_two_experts(corpus):
+    from keras_moe.models.lm import LanguageModel
+    from keras_moe.pipelines.lm_data import WordVocabulary
+    from keras_moe.pipelines.lm_train import lines_factory, routing_report
+
+    config = tiny_config(corpus)
+    vocab = WordVocabulary.build([WORDS], 40)
+    model = LanguageModel(len(vocab), model_dim=16, num_experts=4, expert_hidden_dim=8, k=2)
+    # The gate starts at zero: every logit ties, top-k keeps experts 0 and 1,
+    # each with gate 1/2. So over N positions: Load = [N, N, 0, 0] and
+    # Importance = [N/2, N/2, 0, 0]; CV = std / mean = 0.5 / 0.5 = 1 for both,
+    # max / mean Load = N / (N/2) = 2, and two experts get nothing.
+    report = routing_report(model, lines_factory(config.data, "valid"), vocab, config.data)
+    (name,) = report
+    stats = report[name]
+    assert stats["set_cv_load"] == pytest.approx(1.0)
+    assert stats["set_cv_importance"] == pytest.approx(1.0)
+    assert stats["set_max_mean_load"] == pytest.approx(2.0)
+    assert stats["batch_max_mean_load"] == pytest.approx(2.0)
+    assert stats["experts_without_positions"] == 2
+    # Balanced by hand: gate weights that make each expert win on a quarter
+    # of the inputs would give CV 0; here a random gate must at least leave
+    # no expert unused on this corpus and lower the imbalance.
+    gating = model.get_layer("moe").gating
+    gating.w_gate.assign(np.random.default_rng(0).normal(size=gating.w_gate.shape) * 3.0)
+    spread = routing_report(model, lines_factory(config.data, "valid"), vocab, config.data)[name]
+    assert spread["set_max_mean_load"] < 2.0
+    assert routing_report(
+        LanguageModel(len(vocab), model_dim=16, blocks=("lstm",)),
+        lines_factory(config.data, "valid"), vocab, config.data,
+    ) == {}
