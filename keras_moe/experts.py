@@ -5,6 +5,8 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_moe.validation import check_int
+
 
 def _per_expert_glorot(fan_in, fan_out, seed):
     # Keras's GlorotUniform would count the expert axis into both fans for a
@@ -74,27 +76,10 @@ class FeedForwardExperts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(
-                f"`num_experts` must be an integer >= 1. Received: num_experts={num_experts}"
-            )
-        if not isinstance(hidden_dim, int) or hidden_dim < 1:
-            raise ValueError(
-                f"`hidden_dim` must be an integer >= 1. Received: hidden_dim={hidden_dim}"
-            )
-        if output_dim is not None and (not isinstance(output_dim, int) or output_dim < 1):
-            raise ValueError(
-                f"`output_dim` must be None or an integer >= 1. Received: output_dim={output_dim}"
-            )
-        if (
-            isinstance(num_hidden_layers, bool)
-            or not isinstance(num_hidden_layers, int)
-            or num_hidden_layers < 1
-        ):
-            raise ValueError(
-                "`num_hidden_layers` must be an integer >= 1. "
-                f"Received: num_hidden_layers={num_hidden_layers}"
-            )
+        check_int("num_experts", num_experts)
+        check_int("hidden_dim", hidden_dim)
+        check_int("output_dim", output_dim, allow_none=True)
+        check_int("num_hidden_layers", num_hidden_layers)
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.num_hidden_layers = num_hidden_layers

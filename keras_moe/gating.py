@@ -5,18 +5,15 @@ import tensorflow as tf
 
 from keras_moe import losses
 from keras_moe.routing import GateDecision
+from keras_moe.validation import check_int
 
 GATING_TYPES = ("noisy_top_k", "top_k", "switch", "softmax", "batchwise")
 
 
 def validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon):
     """Shared argument checks of the gating and MoE layers."""
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(
-            f"`num_experts` must be an integer >= 1. Received: num_experts={num_experts}"
-        )
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1. Received: k={k}")
+    check_int("num_experts", num_experts)
+    check_int("k", k)
     if k > num_experts:
         raise ValueError(
             f"`k` must be <= num_experts={num_experts}. Received: k={k}"

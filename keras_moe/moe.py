@@ -13,6 +13,7 @@ from keras_moe.routing import (
     routing_statistics,
     update_routing_metrics,
 )
+from keras_moe.validation import check_int
 
 
 def validate_capacity_factor(capacity_factor):
@@ -57,20 +58,8 @@ class SparseMoEBase(keras.layers.Layer):
                 f"Received: balancing_scope={balancing_scope!r}"
             )
         self.balancing_scope = balancing_scope
-        if not isinstance(expert_hidden_dim, int) or expert_hidden_dim < 1:
-            raise ValueError(
-                "`expert_hidden_dim` must be an integer >= 1. "
-                f"Received: expert_hidden_dim={expert_hidden_dim}"
-            )
-        if (
-            isinstance(expert_hidden_layers, bool)
-            or not isinstance(expert_hidden_layers, int)
-            or expert_hidden_layers < 1
-        ):
-            raise ValueError(
-                "`expert_hidden_layers` must be an integer >= 1. "
-                f"Received: expert_hidden_layers={expert_hidden_layers}"
-            )
+        check_int("expert_hidden_dim", expert_hidden_dim)
+        check_int("expert_hidden_layers", expert_hidden_layers)
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
         self.expert_hidden_layers = expert_hidden_layers

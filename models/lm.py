@@ -6,16 +6,9 @@ import tensorflow as tf
 import keras_moe
 from keras_moe.models.lstmp import ProjectedLSTM
 from keras_moe.models.softmax import SoftmaxOutput
+from keras_moe.validation import check_int
 
 BLOCK_TYPES = ("lstm", "moe", "ffn")
-
-
-def _check_int(name, value, minimum, allow_none=False):
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = f"None or an integer >= {minimum}" if allow_none else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -110,13 +103,13 @@ class LanguageModel(keras.Model):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        _check_int("vocab_size", vocab_size, 3)
-        _check_int("model_dim", model_dim, 1)
-        _check_int("lstm_units", lstm_units, 1, allow_none=True)
-        _check_int("lstm_projection", lstm_projection, 1, allow_none=True)
-        _check_int("num_groups", num_groups, 0)
-        _check_int("ffn_hidden_dim", ffn_hidden_dim, 1, allow_none=True)
-        _check_int("num_sampled", num_sampled, 0)
+        check_int("vocab_size", vocab_size, 3)
+        check_int("model_dim", model_dim, 1)
+        check_int("lstm_units", lstm_units, 1, allow_none=True)
+        check_int("lstm_projection", lstm_projection, 1, allow_none=True)
+        check_int("num_groups", num_groups, 0)
+        check_int("ffn_hidden_dim", ffn_hidden_dim, 1, allow_none=True)
+        check_int("num_sampled", num_sampled, 0)
         blocks = tuple(blocks) if isinstance(blocks, (list, tuple)) else blocks
         if not isinstance(blocks, tuple) or not blocks or any(b not in BLOCK_TYPES for b in blocks):
             raise ValueError(

@@ -18,6 +18,7 @@ MODULES = [
     "keras_moe.hierarchical",
     "keras_moe.batchwise",
     "keras_moe.monitoring",
+    "keras_moe.validation",
     "keras_moe.models.lm",
     "keras_moe.models.lstmp",
     "keras_moe.models.softmax",

@@ -227,3 +227,67 @@ def test_routing_report_on_a_router_that_sends_everything_to_two_experts(corpus)
         LanguageModel(len(vocab), model_dim=16, blocks=("lstm",)),
         lines_factory(config.data, "valid"), vocab, config.data,
     ) == {}
+
+
+def test_wordpiece_sentences_and_sampled_softmax_run(tmp_path, corpus):
+    # Sub-word vocabulary, one sentence per row batched by tokens, and a
+    # sampled softmax in training: perplexity is still per word, on the full softmax.
+    run_dir = tmp_path / "run"
+    results = lm_train.train(
+        tiny_config(
+            corpus, "data.vocabulary=wordpiece", "data.vocab_size=80", "data.mode=sentences",
+            "data.batch_tokens=64", "model.num_sampled=5",
+        ),
+        str(run_dir),
+    )
+    assert (run_dir / "wordpiece.txt").exists() and not (run_dir / "vocab.json").exists()
+    lines = [line for line in open(corpus["valid"]).read().split("\n") if line.strip()]
+    words = sum(len(line.split()) + 1 for line in lines)
+    valid = results["valid"]
+    assert valid["words"] == words
+    # Whole words of this corpus are in the learned vocabulary or split into
+    # pieces: never fewer tokens than words.
+    assert valid["tokens"] >= words
+    assert valid["loss"] == pytest.approx(math.log(valid["perplexity"]))
+    assert "perplexity" not in results["history"]  # no full-softmax metric in sampled training
+    assert len(results["history"]["val_perplexity"]) == 2
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
+    import csv
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    sets += ["--set", "train.steps=40", "--set", "train.steps_per_eval=10"]
+    args = [f"data.train={corpus['train']}", f"data.valid={corpus['valid']}"]
+    sets += [a for item in args for a in ("--set", item)]
+    cmd = [sys.executable, "-m", "keras_moe.pipelines.cli", "lm", "train", *sets,
+           "--run-dir", str(run_dir)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    history = run_dir / "history.csv"
+    try:
+        deadline = time.monotonic() + 240
+        # Kill it (no clean shutdown) once the first evaluation is backed up.
+        while time.monotonic() < deadline and process.poll() is None:
+            if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run finished or failed before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (run_dir / "model.keras").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["resumed"] is True and results["steps"] == 40
+    with open(history) as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    # Every evaluation once: the resumed run went on after what was backed up
+    # instead of starting again at epoch 0.
+    assert sorted(epochs) == sorted(set(epochs)) and epochs[-1] == 3, epochs
