@@ -115,13 +115,28 @@ def sorted_bar_chart(values, height=64, max_columns=256):
     >>> sorted_bar_chart([1.0, 3.0, 2.0]).shape  # 3 bars of 256 // 3 pixels
     (64, 255, 3)
     """
-    values = np.sort(np.asarray(values, np.float64))[::-1]
+    return bar_chart(np.sort(np.asarray(values, np.float64))[::-1], height, max_columns)
+
+
+def bar_chart(values, height=64, max_columns=256):
+    """Values drawn as bars in their given order (expert 0 leftmost): uint8 `[H, W, 3]`.
+
+    As `sorted_bar_chart` without the sorting: bars of `max(1, max_columns
+    // E)` pixels (consecutive values averaged when `E > max_columns`),
+    heights `round(value / max * height)`, a red line at the mean.
+
+    Example:
+
+    >>> bar_chart([1.0, 0.0, 2.0], height=32, max_columns=30).shape  # 3 bars of 10 pixels
+    (32, 30, 3)
+    """
+    values = np.asarray(values, np.float64)
     mean = values.mean() if values.size else 0.0
     if values.size > max_columns:
         values = np.array([chunk.mean() for chunk in np.array_split(values, max_columns)])
-    bar_width = max(1, max_columns // values.size)
+    bar_width = max(1, max_columns // max(1, values.size))
     image = np.full((height, values.size * bar_width, 3), 255, np.uint8)
-    top = values.max()
+    top = values.max() if values.size else 0.0
     if top <= 0:
         return image
     bar_heights = np.round(values / top * height).astype(int)

@@ -64,6 +64,27 @@ def build_parser():
     evaluate.add_argument("--data", required=True, help="file, glob or directory of text")
     evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="how a trained run's MoE layers route a corpus: per-expert traffic and "
+        "characteristic tokens, per-token experts, gates, logits and margins; tables on "
+        "stdout and a self-contained HTML report",
+    )
+    inspect.add_argument("--run-dir", required=True)
+    inspect.add_argument("--data", required=True, help="file, glob or directory of text")
+    inspect.add_argument("--layer", default=None, help="one MoE layer by name (default: all)")
+    inspect.add_argument(
+        "--sentence", dest="sentences", action="append", default=[], metavar="TEXT",
+        help="a sentence to report token by token (repeatable; default: the first 3 lines "
+        "of --data)",
+    )
+    inspect.add_argument(
+        "--out", default=None, help="HTML report path (default: <run-dir>/inspect.html)"
+    )
+    inspect.add_argument(
+        "--max-lines", type=int, default=2000, help="lines of --data routed (default: 2000)"
+    )
     return parser
 
 
@@ -94,6 +115,16 @@ def run_lm(args):
             )
 
 
+def run_inspect(args):
+    """`keras-moe inspect ...`: the library prints the tables and writes the report."""
+    from keras_moe.pipelines.inspect import inspect_run
+
+    inspect_run(
+        args.run_dir, args.data, sentences=args.sentences, layer=args.layer, out=args.out,
+        max_lines=args.max_lines,
+    )
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_environment(argv)
@@ -105,6 +136,8 @@ def main(argv=None):
             run_demo(_dataclass_from_args(DemoConfig, args))
         elif args.command == "lm":
             run_lm(args)
+        elif args.command == "inspect":
+            run_inspect(args)
     except (FileNotFoundError, ValueError, ImportError) as error:
         command = " ".join(a for a in (args.command, getattr(args, "lm_command", None)) if a)
         print(f"keras-moe {command}: error: {error}", file=sys.stderr)
