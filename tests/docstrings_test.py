@@ -18,12 +18,18 @@ MODULES = [
     "keras_moe.hierarchical",
     "keras_moe.batchwise",
     "keras_moe.monitoring",
+    "keras_moe.inspect",
     "keras_moe.validation",
     "keras_moe.models.lm",
     "keras_moe.models.lstmp",
     "keras_moe.models.softmax",
     "keras_moe.models.presets",
     "keras_moe.models.training",
+    "keras_moe.models.attention",
+    "keras_moe.models.seq2seq",
+    "keras_moe.models.decoding",
+    "keras_moe.models.translation_presets",
+    "keras_moe.pipelines.inspect",
 ]
 
 
