@@ -10,6 +10,7 @@ from keras_moe.models import (  # noqa: F401
     lm,
     lstmp,
     presets,
+    registry,
     seq2seq,
     softmax,
     training,

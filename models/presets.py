@@ -17,8 +17,7 @@ Example:
 37.8
 """
 
-import copy
-import inspect
+from keras_moe.models.registry import PresetRegistry
 
 # The paper's 1B Word models (App. C.1): model width 512, experts of one
 # ReLU hidden layer of 1024, "2M ops/timestep" per LSTM and "1M" per expert.
@@ -50,39 +49,17 @@ PRESETS = {
 }
 
 
+REGISTRY = PresetRegistry(PRESETS, "keras_moe.models.lm:LanguageModel")
+
+
 def preset_names():
     """The preset names, sorted."""
-    return sorted(PRESETS)
+    return REGISTRY.names()
 
 
 def get_preset(name):
     """A copy of preset `name`'s `LanguageModel` arguments (without `vocab_size`)."""
-    if name not in PRESETS:
-        raise ValueError(
-            f"Unknown preset {name!r}. Known presets: {', '.join(preset_names())}"
-        )
-    return copy.deepcopy(PRESETS[name])
-
-
-def _language_model_defaults():
-    """`LanguageModel`'s keyword arguments and defaults, read from its signature."""
-    from keras_moe.models.lm import LanguageModel
-
-    parameters = inspect.signature(LanguageModel.__init__).parameters
-    return {
-        name: p.default
-        for name, p in parameters.items()
-        if name not in ("self", "vocab_size") and p.kind is p.POSITIONAL_OR_KEYWORD
-    }
-
-
-def _check_arguments(kwargs, what):
-    unknown = sorted(set(kwargs) - set(_language_model_defaults()))
-    if unknown:
-        raise ValueError(
-            f"Unknown {what} {', '.join(map(repr, unknown))}: not a LanguageModel argument. "
-            f"Known: {', '.join(sorted(_language_model_defaults()))}"
-        )
+    return REGISTRY.get(name)
 
 
 def build_language_model(preset, vocab_size, **overrides):
@@ -97,12 +74,7 @@ def build_language_model(preset, vocab_size, **overrides):
     Returns:
         An unbuilt `keras_moe.models.lm.LanguageModel`.
     """
-    from keras_moe.models.lm import LanguageModel
-
-    kwargs = get_preset(preset)
-    _check_arguments(overrides, "override")
-    kwargs.update(overrides)
-    return LanguageModel(vocab_size, **kwargs)
+    return REGISTRY.build(preset, vocab_size, **overrides)
 
 
 def costs(preset_or_kwargs):
@@ -124,13 +96,7 @@ def costs(preset_or_kwargs):
         dict with int `ops_per_timestep`, `params` (biases included, as the
         model has them) and `params_without_biases` (as the paper counts).
     """
-    if isinstance(preset_or_kwargs, str):
-        given = get_preset(preset_or_kwargs)
-    else:
-        given = dict(preset_or_kwargs)
-        given.pop("vocab_size", None)
-        _check_arguments(given, "argument")
-    a = {**_language_model_defaults(), **given}
+    a = REGISTRY.resolve(preset_or_kwargs)
     d = a["model_dim"]
     ops = weights = biases = 0
     for block in a["blocks"]:

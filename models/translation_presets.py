@@ -31,10 +31,8 @@ Example:
 True
 """
 
-import copy
-import inspect
-
 from keras_moe.models.presets import _moe_costs
+from keras_moe.models.registry import PresetRegistry
 
 # App. E: widths 512, LSTMs 2048 -> 512, experts 512 -> 2048 -> 512,
 # dropout 0.4, w_importance = w_load = 0.01, App. G's attention function.
@@ -63,40 +61,17 @@ PRESETS = {
 }
 
 
+REGISTRY = PresetRegistry(PRESETS, "keras_moe.models.seq2seq:TranslationModel")
+
+
 def preset_names():
     """The preset names, sorted."""
-    return sorted(PRESETS)
+    return REGISTRY.names()
 
 
 def get_preset(name):
     """A copy of preset `name`'s `TranslationModel` arguments (without `vocab_size`)."""
-    if name not in PRESETS:
-        raise ValueError(
-            f"Unknown preset {name!r}. Known presets: {', '.join(preset_names())}"
-        )
-    return copy.deepcopy(PRESETS[name])
-
-
-def _model_defaults():
-    """`TranslationModel`'s keyword arguments and defaults, read from its signature."""
-    from keras_moe.models.seq2seq import TranslationModel
-
-    parameters = inspect.signature(TranslationModel.__init__).parameters
-    return {
-        name: p.default
-        for name, p in parameters.items()
-        if name not in ("self", "vocab_size") and p.kind is p.POSITIONAL_OR_KEYWORD
-    }
-
-
-def _check_arguments(kwargs, what):
-    known = _model_defaults()
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
-        raise ValueError(
-            f"Unknown {what} {', '.join(map(repr, unknown))}: not a TranslationModel argument. "
-            f"Known: {', '.join(sorted(known))}"
-        )
+    return REGISTRY.get(name)
 
 
 def build_translation_model(preset, vocab_size, **overrides):
@@ -111,12 +86,7 @@ def build_translation_model(preset, vocab_size, **overrides):
     Returns:
         A `keras_moe.models.seq2seq.TranslationModel` (built).
     """
-    from keras_moe.models.seq2seq import TranslationModel
-
-    kwargs = get_preset(preset)
-    _check_arguments(overrides, "override")
-    kwargs.update(overrides)
-    return TranslationModel(vocab_size, **kwargs)
+    return REGISTRY.build(preset, vocab_size, **overrides)
 
 
 def _lstm(a, input_width, output_width):
@@ -178,13 +148,7 @@ def costs(preset_or_kwargs, vocab_size=None):
         them), `params_without_biases`; with `vocab_size` also the two
         keys above.
     """
-    if isinstance(preset_or_kwargs, str):
-        given = get_preset(preset_or_kwargs)
-    else:
-        given = dict(preset_or_kwargs)
-        given.pop("vocab_size", None)
-        _check_arguments(given, "argument")
-    a = {**_model_defaults(), **given}
+    a = REGISTRY.resolve(preset_or_kwargs)
     d = a["model_dim"]
     n = a["attention_units"] or d
 

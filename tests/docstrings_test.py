@@ -24,6 +24,7 @@ MODULES = [
     "keras_moe.models.lstmp",
     "keras_moe.models.softmax",
     "keras_moe.models.presets",
+    "keras_moe.models.registry",
     "keras_moe.models.training",
     "keras_moe.models.attention",
     "keras_moe.models.seq2seq",
