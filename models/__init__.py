@@ -6,6 +6,7 @@ with Keras, so saved `.keras` files reload without `custom_objects`.
 
 from keras_moe.models import (  # noqa: F401
     attention,
+    blocks,
     decoding,
     lm,
     lstmp,

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-import keras_moe
+from keras_moe.models.blocks import check_groups, feed_forward_block, moe_block
 from keras_moe.models.lstmp import ProjectedLSTM
 from keras_moe.models.softmax import SoftmaxOutput
 from keras_moe.validation import check_int
@@ -130,11 +130,7 @@ class LanguageModel(keras.Model):
                 "`lstm_projection` must equal `model_dim` (the residual needs equal widths). "
                 f"Received: lstm_projection={lstm_projection}, model_dim={model_dim}"
             )
-        if num_groups and num_experts % num_groups:
-            raise ValueError(
-                "`num_experts` must be a multiple of `num_groups`. "
-                f"Received: num_experts={num_experts}, num_groups={num_groups}"
-            )
+        check_groups(num_experts, num_groups)
         if num_sampled >= vocab_size:
             raise ValueError(
                 f"`num_sampled` must be < vocab_size={vocab_size}. Received: num_sampled={num_sampled}"
@@ -189,25 +185,14 @@ class LanguageModel(keras.Model):
             )
         if block == "ffn":
             hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
-            return keras.Sequential(
-                [
-                    keras.layers.Dense(hidden, activation="relu", name="ffn_in"),
-                    keras.layers.Dense(self.model_dim, name="ffn_out"),
-                ],
-                name=name,
-            )
-        common = dict(
+            return feed_forward_block(hidden, self.model_dim, name)
+        return moe_block(
+            self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
-            seed=self.seed, name=name,
+            seed=self.seed,
         )
-        if self.num_groups:
-            return keras_moe.HierarchicalMoE(
-                self.num_groups, self.num_experts // self.num_groups,
-                k_primary=self.k, k_secondary=self.k, **common,
-            )
-        return keras_moe.MoE(self.num_experts, k=self.k, **common)
 
     def build(self, input_shape=(None, None)):
         if self.built:

@@ -3,8 +3,8 @@
 import keras
 import tensorflow as tf
 
-import keras_moe
 from keras_moe.models.attention import ATTENTION_TYPES, make_attention
+from keras_moe.models.blocks import check_groups, feed_forward_block, moe_block
 from keras_moe.models.lstmp import ProjectedLSTM, ProjectedLSTMCell
 from keras_moe.models.softmax import SoftmaxOutput
 from keras_moe.validation import check_int
@@ -173,11 +173,8 @@ class TranslationModel(keras.Model):
                 "`model_dim` must be even with `bidirectional_encoder=True` (two halves). "
                 f"Received: model_dim={model_dim}"
             )
-        if middle_block == "moe" and num_groups and num_experts % num_groups:
-            raise ValueError(
-                "`num_experts` must be a multiple of `num_groups`. "
-                f"Received: num_experts={num_experts}, num_groups={num_groups}"
-            )
+        if middle_block == "moe":
+            check_groups(num_experts, num_groups)
         self.vocab_size = vocab_size
         self.model_dim = model_dim
         self.lstm_units = lstm_units
@@ -253,24 +250,13 @@ class TranslationModel(keras.Model):
             return None
         if self.middle_block == "ffn":
             hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
-            return keras.Sequential(
-                [
-                    keras.layers.Dense(hidden, activation="relu", name="ffn_in"),
-                    keras.layers.Dense(self.model_dim, name="ffn_out"),
-                ],
-                name=name,
-            )
-        common = dict(
+            return feed_forward_block(hidden, self.model_dim, name)
+        return moe_block(
+            self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
-            capacity_factor=self.capacity_factor, seed=seed, name=name,
+            capacity_factor=self.capacity_factor, seed=seed,
         )
-        if self.num_groups:
-            return keras_moe.HierarchicalMoE(
-                self.num_groups, self.num_experts // self.num_groups,
-                k_primary=self.k, k_secondary=self.k, **common,
-            )
-        return keras_moe.MoE(self.num_experts, k=self.k, **common)
 
     def build(self, input_shape=None):
         if self.built:

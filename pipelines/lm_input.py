@@ -162,6 +162,62 @@ def evaluation_batches(lines, vocab, data_config):
         yield tuple(out)
 
 
+def batch_nll(model, batches, with_routing=False):
+    """Per batch: `(summed weighted NLL, summed weight, routings or None)`.
+
+    The model's forward pass is compiled once per model and per
+    `with_routing` (an eager LSTM steps through time in Python) and kept on
+    the model, outside Keras's attribute tracking. With `with_routing=True`
+    the model must accept `return_routing=True` (as `LanguageModel` does);
+    routings is then its dict of MoE block name -> `Routing`, from the same
+    forward pass as the likelihood.
+    """
+
+    def step(inputs, targets, weights):
+        if with_routing:
+            logits, routings = model(inputs, training=False, return_routing=True)
+        else:
+            logits, routings = model(inputs, training=False), None
+        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=targets, logits=tf.cast(logits, tf.float32)
+        )
+        summed = tf.reduce_sum(tf.cast(nll, tf.float64) * tf.cast(weights, tf.float64))
+        return summed, routings
+
+    if isinstance(model, keras.Layer):
+        steps = model.__dict__.setdefault("_keras_moe_eval_steps", {})
+        if with_routing not in steps:
+            steps[with_routing] = tf.function(step, reduce_retracing=True)
+        step = steps[with_routing]
+    for inputs, targets, weights in batches:
+        summed, routings = step(inputs, targets, weights)
+        yield float(summed), float(np.sum(weights)), routings
+
+
+def perplexity_result(total, count, words=None):
+    """The perplexity dict of a summed NLL `total` over `count` predicted tokens.
+
+    Args:
+        total: summed negative log-likelihood (nats).
+        count: predicted tokens (weights summed).
+        words: optional number of words to normalise by instead of `count`
+            (sub-word vocabularies): a per-word perplexity comparable
+            across vocabularies.
+    """
+    if count == 0:
+        raise ValueError("the evaluation data has no token to predict")
+    units = float(words) if words else count
+    loss = total / units
+    per = "word" if words else "token"
+    return {
+        "perplexity": math.exp(loss),
+        "loss": loss,
+        "tokens": int(count),
+        "words": int(units),
+        "convention": f"per {per}, <eos> counted, whole set: exp(sum NLL / {per}s)",
+    }
+
+
 def perplexity_from_batches(model, batches, words=None):
     """Whole-set perplexity `exp(sum NLL / count)` of `model` on `batches`.
 
@@ -181,34 +237,8 @@ def perplexity_from_batches(model, batches, words=None):
         `tokens` (predicted tokens, `<eos>` included), `words` and
         `convention`.
     """
-
-    def summed_nll(inputs, targets, weights):
-        logits = tf.cast(model(inputs, training=False), tf.float32)
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-        return tf.reduce_sum(tf.cast(nll, tf.float64) * tf.cast(weights, tf.float64))
-
-    if isinstance(model, keras.Layer):
-        # Compiled once per model (an eager LSTM steps through time in
-        # Python) and kept on the model, outside Keras's attribute tracking.
-        compiled = model.__dict__.get("_keras_moe_eval_step")
-        if compiled is None:
-            compiled = tf.function(summed_nll, reduce_retracing=True)
-            object.__setattr__(model, "_keras_moe_eval_step", compiled)
-        summed_nll = compiled
-
     total, count = 0.0, 0.0
-    for inputs, targets, weights in batches:
-        total += float(summed_nll(inputs, targets, weights))
-        count += float(np.sum(weights))
-    if count == 0:
-        raise ValueError("the evaluation data has no token to predict")
-    units = float(words) if words else count
-    loss = total / units
-    per = "word" if words else "token"
-    return {
-        "perplexity": math.exp(loss),
-        "loss": loss,
-        "tokens": int(count),
-        "words": int(units),
-        "convention": f"per {per}, <eos> counted, whole set: exp(sum NLL / {per}s)",
-    }
+    for summed, weight, _ in batch_nll(model, batches):
+        total += summed
+        count += weight
+    return perplexity_result(total, count, words)

@@ -26,7 +26,6 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import keras_moe
 from keras_moe.models import presets
@@ -156,8 +155,12 @@ def build_model(config, vocab_size):
     return model
 
 
-def evaluate_lines(model, lines_factory_, vocab, data_config):
-    """Per-word perplexity of `model` on every line of a corpus."""
+def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
+    """Per-word perplexity of `model` on every line of a corpus.
+
+    With `routing=True` the same forward pass also collects the MoE blocks'
+    routing, and the result gets a `routing` entry (see `routing_report`).
+    """
     words = 0
 
     def counted():
@@ -166,19 +169,49 @@ def evaluate_lines(model, lines_factory_, vocab, data_config):
             words += lm_corpora.count_words(line)
             yield line
 
+    with_routing = routing and any(block == "moe" for block in model.blocks)
     batches = lm_input.evaluation_batches(counted(), vocab, data_config)
-    result = lm_input.perplexity_from_batches(model, batches, words=None)
-    # The generator is exhausted now, so `words` is the file's word count.
-    result["loss"] = result["loss"] * result["tokens"] / words
-    result["perplexity"] = float(np.exp(result["loss"]))
-    result["words"] = words
+    total, count, stats = 0.0, 0.0, {}
+    for summed, weight, routings in lm_input.batch_nll(model, batches, with_routing):
+        total += summed
+        count += weight
+        for name, r in (routings or {}).items():
+            _accumulate_routing(stats.setdefault(name, {}), r)
+    # The lines are all read now, so `words` is the file's word count.
+    result = lm_input.perplexity_result(total, count, words)
     result["convention"] = CONVENTION
+    if routing:
+        result["routing"] = {name: _routing_statistics(s) for name, s in stats.items()}
     return result
 
 
 def _cv(values):
     mean = float(np.mean(values))
     return float(np.std(values) / mean) if mean > 0 else 0.0
+
+
+def _accumulate_routing(stats, routing):
+    importance = np.asarray(routing.importance, np.float64)
+    counts = np.asarray(routing.counts, np.float64)
+    stats["importance"] = stats.get("importance", 0.0) + importance
+    stats["counts"] = stats.get("counts", 0.0) + counts
+    stats.setdefault("batches", []).append(
+        (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
+    )
+
+
+def _routing_statistics(s):
+    batch = np.mean(s["batches"], axis=0)
+    return {
+        "batch_cv_importance": float(batch[0]),
+        "batch_cv_load": float(batch[1]),
+        "batch_max_mean_load": float(batch[2]),
+        "set_cv_importance": _cv(s["importance"]),
+        "set_cv_load": _cv(s["counts"]),
+        "set_max_mean_load": float(s["counts"].max() / s["counts"].mean()),
+        "experts_without_positions": int(np.sum(s["counts"] == 0)),
+        "batches": len(s["batches"]),
+    }
 
 
 def routing_report(model, lines_factory_, vocab, data_config):
@@ -189,38 +222,13 @@ def routing_report(model, lines_factory_, vocab, data_config):
     Importance and Load and max / mean Load, averaged over the evaluation
     batches (`batch_*`, the paper's per-batch statistics) and over the whole
     corpus (`set_*`), and the number of experts that received no position.
+    `evaluate_lines(..., routing=True)` gives the same together with the
+    perplexity, from one forward pass.
 
     Returns:
         dict block name -> statistics; empty for a model without MoE.
     """
-    if not any(block == "moe" for block in model.blocks):
-        return {}
-    step = tf.function(lambda x: model(x, training=False, return_routing=True)[1])
-    stats = {}
-    for inputs, _, _ in lm_input.evaluation_batches(lines_factory_(), vocab, data_config):
-        for name, routing in step(inputs).items():
-            importance = np.asarray(routing.importance, np.float64)
-            counts = np.asarray(routing.counts, np.float64)
-            s = stats.setdefault(name, {"importance": 0.0, "counts": 0.0, "batches": []})
-            s["importance"] = s["importance"] + importance
-            s["counts"] = s["counts"] + counts
-            s["batches"].append(
-                (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
-            )
-    report = {}
-    for name, s in stats.items():
-        batch = np.mean(s["batches"], axis=0)
-        report[name] = {
-            "batch_cv_importance": float(batch[0]),
-            "batch_cv_load": float(batch[1]),
-            "batch_max_mean_load": float(batch[2]),
-            "set_cv_importance": _cv(s["importance"]),
-            "set_cv_load": _cv(s["counts"]),
-            "set_max_mean_load": float(s["counts"].max() / s["counts"].mean()),
-            "experts_without_positions": int(np.sum(s["counts"] == 0)),
-            "batches": len(s["batches"]),
-        }
-    return report
+    return evaluate_lines(model, lines_factory_, vocab, data_config, routing=True)["routing"]
 
 
 class ValidationPerplexity(keras.callbacks.Callback):
@@ -327,12 +335,13 @@ def train(config, run_dir):
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": round(train_seconds, 1),
         "costs": presets.costs(model.get_config()),
-        "valid": evaluate_lines(model, lines_factory(config.data, "valid"), vocab, config.data),
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
-        "routing_valid": routing_report(
-            model, lines_factory(config.data, "valid"), vocab, config.data
-        ),
     }
+    valid = evaluate_lines(
+        model, lines_factory(config.data, "valid"), vocab, config.data, routing=True
+    )
+    results["routing_valid"] = valid.pop("routing")
+    results["valid"] = valid
     if config.data.test:
         results["test"] = evaluate_lines(
             model, lines_factory(config.data, "test"), vocab, config.data
@@ -379,6 +388,7 @@ def evaluate(run_dir, data, format=None):
     )
     factory = lines_factory(data_config, "test")
     next(iter(factory()))  # a missing or empty corpus fails here, naming the file
-    result = evaluate_lines(model, factory, vocab, data_config)
-    routing = routing_report(model, factory, vocab, data_config)
-    return {**result, "data": data, "model": model_path, **({"routing": routing} if routing else {})}
+    result = evaluate_lines(model, factory, vocab, data_config, routing=True)
+    if not result["routing"]:
+        del result["routing"]  # a model without MoE blocks
+    return {**result, "data": data, "model": model_path}

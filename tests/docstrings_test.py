@@ -23,6 +23,7 @@ MODULES = [
     "keras_moe.models.lm",
     "keras_moe.models.lstmp",
     "keras_moe.models.softmax",
+    "keras_moe.models.blocks",
     "keras_moe.models.presets",
     "keras_moe.models.registry",
     "keras_moe.models.training",

@@ -1,0 +1,68 @@
+"""Blocks both model families build: the MoE block (flat or hierarchical) and its dense twin.
+
+`LanguageModel` and `TranslationModel` place these between their LSTMs; one
+copy here keeps the two models' MoE and compute-matched dense blocks alike.
+"""
+
+import keras
+
+import keras_moe
+
+
+def check_groups(num_experts, num_groups):
+    """ValueError unless `num_groups` (0: flat) divides `num_experts`.
+
+    Example:
+
+    >>> check_groups(32, 4)
+    >>> check_groups(32, 0)
+    """
+    if num_groups and num_experts % num_groups:
+        raise ValueError(
+            "`num_experts` must be a multiple of `num_groups`. "
+            f"Received: num_experts={num_experts}, num_groups={num_groups}"
+        )
+
+
+def moe_block(num_experts, num_groups, k, name, **moe_kwargs):
+    """A `keras_moe.MoE` of `num_experts`, or with `num_groups > 0` a hierarchical one.
+
+    The hierarchical MoE (App. B) has `num_groups` groups of
+    `num_experts // num_groups` experts and keeps `k` per level, so each
+    position runs `k * k` experts.
+
+    Args:
+        num_experts, num_groups, k: as above.
+        name: layer name.
+        **moe_kwargs: further `MoE` / `HierarchicalMoE` arguments
+            (`expert_hidden_dim`, `gating`, the balancing weights, ...).
+
+    Example:
+
+    >>> moe_block(8, 2, 2, "moe", expert_hidden_dim=4).num_experts
+    8
+    """
+    check_groups(num_experts, num_groups)
+    if num_groups:
+        return keras_moe.HierarchicalMoE(
+            num_groups, num_experts // num_groups, k_primary=k, k_secondary=k, name=name,
+            **moe_kwargs,
+        )
+    return keras_moe.MoE(num_experts, k=k, name=name, **moe_kwargs)
+
+
+def feed_forward_block(hidden_dim, output_dim, name):
+    """Dense `relu(x W_in + b_in) W_out + b_out`: the compute-matched baseline block.
+
+    Example:
+
+    >>> feed_forward_block(16, 4, "ffn").get_layer("ffn_in").units
+    16
+    """
+    return keras.Sequential(
+        [
+            keras.layers.Dense(hidden_dim, activation="relu", name="ffn_in"),
+            keras.layers.Dense(output_dim, name="ffn_out"),
+        ],
+        name=name,
+    )
