@@ -40,6 +40,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/lm_throughput.py
+	$(BIN)/python benchmarks/translate_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

@@ -10,18 +10,21 @@ import tensorflow as tf
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class WarmupInverseSqrt(keras.optimizers.schedules.LearningRateSchedule):
-    """The paper's learning rate (App. C.1): linear warm-up, then `1/sqrt(step)`.
+    """The paper's learning rate: linear warm-up, an optional hold, then `1/sqrt(step)`.
 
-    With `s = step + 1` (Keras counts steps from 0):
-    `lr(s) = base * min(s / warmup, sqrt(warmup / s))`, which rises
-    linearly to `base` at `s = warmup` and then decays proportionally to the
-    inverse square root of the step. With `decay="constant"` the rate stays
+    With `s = step + 1` (Keras counts steps from 0) and `h = warmup + hold`:
+    `lr(s) = base * min(s / warmup, 1, sqrt(h / s))`, which rises linearly
+    to `base` at `s = warmup`, stays there until `s = h` and then decays
+    proportionally to the inverse square root of the step. The language
+    models (App. C.1) use no hold; the translation models (App. E) warm up
+    for 2000 steps and hold for 8000. With `decay="constant"` the rate stays
     at `base` after the warm-up. `warmup_steps=0` starts at the peak.
 
     Args:
         learning_rate: float > 0, the peak rate.
         warmup_steps: int >= 0.
         decay: `"inverse_sqrt"` or `"constant"`.
+        hold_steps: int >= 0, steps at the peak before the decay starts.
 
     Example:
 
@@ -30,7 +33,7 @@ class WarmupInverseSqrt(keras.optimizers.schedules.LearningRateSchedule):
     [1e-05, 0.001, 0.0005]
     """
 
-    def __init__(self, learning_rate, warmup_steps=1000, decay="inverse_sqrt"):
+    def __init__(self, learning_rate, warmup_steps=1000, decay="inverse_sqrt", hold_steps=0):
         if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or (
             learning_rate <= 0
         ):
@@ -45,6 +48,11 @@ class WarmupInverseSqrt(keras.optimizers.schedules.LearningRateSchedule):
             raise ValueError(
                 f"`decay` must be 'inverse_sqrt' or 'constant'. Received: decay={decay!r}"
             )
+        if isinstance(hold_steps, bool) or not isinstance(hold_steps, int) or hold_steps < 0:
+            raise ValueError(
+                f"`hold_steps` must be an integer >= 0. Received: hold_steps={hold_steps!r}"
+            )
+        self.hold_steps = hold_steps
         self.learning_rate = float(learning_rate)
         self.warmup_steps = warmup_steps
         self.decay = decay
@@ -55,7 +63,7 @@ class WarmupInverseSqrt(keras.optimizers.schedules.LearningRateSchedule):
         rise = tf.minimum(s / warmup, 1.0) if self.warmup_steps else tf.constant(1.0)
         if self.decay == "constant":
             return self.learning_rate * rise
-        fall = tf.minimum(tf.sqrt(warmup / s), 1.0)
+        fall = tf.minimum(tf.sqrt(float(max(self.warmup_steps + self.hold_steps, 1)) / s), 1.0)
         return self.learning_rate * tf.minimum(rise, fall)
 
     def get_config(self):
@@ -63,6 +71,7 @@ class WarmupInverseSqrt(keras.optimizers.schedules.LearningRateSchedule):
             "learning_rate": self.learning_rate,
             "warmup_steps": self.warmup_steps,
             "decay": self.decay,
+            "hold_steps": self.hold_steps,
         }
 
 

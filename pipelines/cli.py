@@ -33,6 +33,7 @@ def _dataclass_from_args(cls, args):
 
 def build_parser():
     from keras_moe.pipelines.demo import DemoConfig
+    from keras_moe.pipelines.translate_demo import TranslateDemoConfig
 
     parser = argparse.ArgumentParser(
         prog="keras-moe",
@@ -41,13 +42,19 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small MoE-LSTM language model on real text on this machine and report "
-        "perplexity and expert load",
+        help="train a small MoE translation model on real text on this machine (its gettext "
+        "catalogues by default) and report BLEU, perplexity and expert load",
     )
-    _add_dataclass_flags(demo, DemoConfig)
+    _add_dataclass_flags(demo, TranslateDemoConfig)
 
     lm = sub.add_parser("lm", help="train and evaluate language models (Section 5.1, App. C)")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    lm_demo = lm_sub.add_parser(
+        "demo",
+        help="train a small MoE-LSTM language model on real text on this machine and report "
+        "perplexity and expert load",
+    )
+    _add_dataclass_flags(lm_demo, DemoConfig)
     train = lm_sub.add_parser(
         "train", help="train a language model; a killed run resumes when started again"
     )
@@ -64,6 +71,8 @@ def build_parser():
     evaluate.add_argument("--data", required=True, help="file, glob or directory of text")
     evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
+
+    _add_translate_parser(sub)
 
     inspect = sub.add_parser(
         "inspect",
@@ -88,13 +97,113 @@ def build_parser():
     return parser
 
 
+def _add_translate_parser(sub):
+    translate = sub.add_parser(
+        "translate", help="train, evaluate, run and export translation models (Section 5.3, "
+        "App. E)"
+    )
+    t_sub = translate.add_subparsers(dest="translate_command", required=True)
+    train = t_sub.add_parser(
+        "train", help="train a translation model; a killed run resumes when started again"
+    )
+    train.add_argument("--config", help="YAML configuration file (see docs/translation.md)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one configuration key, e.g. --set train.steps=100 (repeatable)",
+    )
+    train.add_argument("--run-dir", required=True, help="directory that receives the run")
+    evaluate = t_sub.add_parser(
+        "evaluate", help="translate a test set and print BLEU (sacreBLEU, with signature), "
+        "tokenized BLEU, chrF and perplexity as JSON; the hypotheses are written to a file"
+    )
+    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--src", required=True, help="source file (text, .gz or .sgm)")
+    evaluate.add_argument("--ref", dest="refs", action="append", required=True,
+                          help="reference file (repeatable for several references)")
+    evaluate.add_argument("--beam-width", type=int, default=None,
+                          help="default: the run's decode.beam_width; 1 is greedy")
+    evaluate.add_argument("--average", type=int, default=None,
+                          help="average the last N evaluation checkpoints")
+    evaluate.add_argument("--out", default=None,
+                          help="hypotheses file (default: <run-dir>/eval/<src name>.hyp)")
+    run = t_sub.add_parser("run", help="translate stdin or a file, one line per sentence")
+    run.add_argument("--run-dir", required=True)
+    run.add_argument("--input", default="-", help="file to translate (default: stdin)")
+    run.add_argument("--beam-width", type=int, default=None)
+    export = t_sub.add_parser(
+        "export", help="write a SavedModel that maps raw source strings to translations"
+    )
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--out", required=True, help="new directory for the SavedModel")
+    export.add_argument("--beam-width", type=int, default=None)
+    export.add_argument("--average", type=int, default=None)
+    score = t_sub.add_parser(
+        "score", help="score any system's output file against references (JSON on stdout)"
+    )
+    score.add_argument("--hyp", required=True)
+    score.add_argument("--ref", dest="refs", action="append", required=True)
+    score.add_argument("--target-language", default="de")
+    t_sub.add_parser("presets", help="list the translation presets with their costs")
+
+
+def run_translate(args):
+    """`keras-moe translate ...`: parse, call the library, print."""
+    import json
+
+    from keras_moe.pipelines import translate_train
+
+    command = args.translate_command
+    if command == "train":
+        from keras_moe.pipelines.config import load_config
+        from keras_moe.pipelines.translate_config import TranslateConfig
+
+        config = load_config(TranslateConfig, args.config, args.overrides)
+        results = translate_train.train(config, args.run_dir)
+        summary = {"run_dir": args.run_dir}
+        for split in ("valid", "test"):
+            if split in results:
+                summary[split] = {k: results[split][k] for k in (
+                    "bleu", "bleu_signature", "chrf", "perplexity", "hypotheses_file")}
+        print(json.dumps(summary, indent=2))
+    elif command == "evaluate":
+        print(json.dumps(translate_train.evaluate(
+            args.run_dir, args.src, args.refs, args.beam_width, args.average, args.out),
+            indent=2))
+    elif command == "run":
+        stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+        with stream:
+            for line in translate_train.run(args.run_dir, stream, args.beam_width):
+                print(line, flush=True)
+    elif command == "export":
+        path = translate_train.export(args.run_dir, args.out, args.beam_width, args.average)
+        print(json.dumps({"export_dir": path}))
+    elif command == "score":
+        from keras_moe.pipelines.scoring import score_files
+
+        print(json.dumps(score_files(args.hyp, args.refs, target_language=args.target_language),
+                         indent=2))
+    else:
+        from keras_moe.models import translation_presets
+
+        for name in translation_presets.preset_names():
+            costs = translation_presets.costs(name)
+            print(
+                f"{name:18s} ops/timestep {costs['ops_per_timestep'] / 1e6:7.2f}M   "
+                f"params without embedding and softmax {costs['params'] / 1e6:8.2f}M"
+            )
+
+
 def run_lm(args):
     """`keras-moe lm ...`: parse, call the library, print."""
     import json
 
     from keras_moe.pipelines import lm_train
 
-    if args.lm_command == "train":
+    if args.lm_command == "demo":
+        from keras_moe.pipelines.demo import DemoConfig, run_demo
+
+        run_demo(_dataclass_from_args(DemoConfig, args))
+    elif args.lm_command == "train":
         from keras_moe.pipelines.config import load_config
         from keras_moe.pipelines.lm_config import LMConfig
 
@@ -131,15 +240,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from keras_moe.pipelines.demo import DemoConfig, run_demo
+            from keras_moe.pipelines.translate_demo import TranslateDemoConfig, run_translate_demo
 
-            run_demo(_dataclass_from_args(DemoConfig, args))
+            run_translate_demo(_dataclass_from_args(TranslateDemoConfig, args))
         elif args.command == "lm":
             run_lm(args)
+        elif args.command == "translate":
+            run_translate(args)
         elif args.command == "inspect":
             run_inspect(args)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        command = " ".join(a for a in (args.command, getattr(args, "lm_command", None)) if a)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+        sub = getattr(args, "lm_command", None) or getattr(args, "translate_command", None)
+        command = " ".join(a for a in (args.command, sub) if a)
         print(f"keras-moe {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -200,3 +200,15 @@ def dump_config(config):
 def save_config(config, path):
     with open(path, "w", encoding="utf-8") as f:
         f.write(dump_config(config))
+
+
+class PresetOverrides:
+    """Mixin of a `model` section: a `preset` name plus optional argument overrides."""
+
+    def overrides(self):
+        """The arguments set (not None) besides `preset`, as model keyword arguments."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }

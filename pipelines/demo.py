@@ -1,4 +1,4 @@
-"""`keras-moe demo`: train a small MoE-LSTM language model on real text.
+"""`keras-moe lm demo`: train a small MoE-LSTM language model on real text.
 
 The built-in default corpus is the English side of the machine's own gettext
 message catalogues (`/usr/share/locale/de/LC_MESSAGES/*.mo`): real text that

@@ -13,6 +13,13 @@ token x expert gate heatmap per sentence.
 
 Each line is routed on its own: a recurrent model starts it from a fresh
 state, as for the first line of a corpus.
+
+Translation runs (`keras-moe translate train`) are inspected on
+source-language text through the encoder alone (`TranslationModel.encode`),
+so the report covers the encoder's MoE layer. The decoder's MoE routes
+target positions whose states depend on the source sentence through the
+attention, so it has no per-line view here; its load is in TensorBoard
+(`RoutingMonitor`) and in `results.json` (`routing_valid`).
 """
 
 import base64
@@ -24,7 +31,7 @@ import tensorflow as tf
 
 from keras_moe import inspect as routing_inspect
 from keras_moe.monitoring import bar_chart, window_statistics
-from keras_moe.pipelines import lm_corpora, lm_train
+from keras_moe.pipelines import lm_corpora, lm_train, translate_train
 from keras_moe.validation import check_int
 
 HEAT_COLOR = (8, 48, 107)  # colour of gate 1; gate 0 is white
@@ -82,7 +89,9 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
     """Report how a run's MoE layers route a corpus and a few sentences.
 
     Args:
-        run_dir: a directory written by `keras_moe.pipelines.lm_train.train`.
+        run_dir: a directory written by `keras_moe.pipelines.lm_train.train`
+            or `keras_moe.pipelines.translate_train.train` (then `data` is
+            source-language text and the encoder's MoE layer is reported).
         data: the corpus (file, glob or directory, in the run's format);
             its first `max_lines` non-empty lines are routed.
         sentences: texts whose tokens are reported one by one; when empty,
@@ -105,9 +114,23 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
         FileNotFoundError, ValueError: naming the run, file, or layer at fault.
     """
     check_int("max_lines", max_lines)
-    config, vocab, model, model_path = lm_train.load_run(run_dir)
-    lines = read_lines(data, config.data.format, max_lines)
-    report = build_report(model, vocab, lines, sentences, layer, top, min_count)
+    if is_translation_run(run_dir):
+        _, vocab, model, model_path = translate_train.load_run(run_dir, average=0)
+        lines = read_lines(data, "text", max_lines)
+        encoder_layers = [f"encoder_{model.middle_block}"] if model.middle_block == "moe" else []
+        if layer is not None and layer not in encoder_layers:
+            raise ValueError(
+                f"`layer` must be an encoder MoE layer of this translation model "
+                f"({', '.join(encoder_layers) or 'it has none'}); the decoder's routing depends "
+                f"on the source sentence and is not inspected line by line. Received: "
+                f"layer={layer!r}"
+            )
+        report = build_report(model, vocab, lines, sentences, layer or encoder_layers[0], top,
+                              min_count, forward=_encode)
+    else:
+        config, vocab, model, model_path = lm_train.load_run(run_dir)
+        lines = read_lines(data, config.data.format, max_lines)
+        report = build_report(model, vocab, lines, sentences, layer, top, min_count)
     report = {"run_dir": os.fspath(run_dir), "model": model_path, "data": os.fspath(data),
               **report}
     report["tables"] = format_tables(report)
@@ -123,7 +146,25 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
     return report
 
 
-def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min_count=2):
+def is_translation_run(run_dir):
+    """Whether `run_dir` was written by `translate_train.train` (its config has `decode`)."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return isinstance(data, dict) and "decode" in data
+
+
+def _encode(model, tokens):
+    """A translation model's encoder alone: its MoE layer routes the source tokens."""
+    return model.encode(tokens, training=False)["memory"]
+
+
+def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min_count=2,
+                 forward=None):
     """The numbers of an `inspect_run` report for any model and vocabulary.
 
     Returns:
@@ -136,8 +177,9 @@ def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min
     for i, sentence in enumerate(sentences):
         if not isinstance(sentence, str) or not sentence.strip():
             raise ValueError(f"`sentences[{i}]` must be a non-empty string. Received: {sentence!r}")
-    corpus = routing_inspect.route(model, lines, vocabulary, layer=layer, details=False)
-    shown = routing_inspect.route(model, sentences, vocabulary, layer=layer)
+    corpus = routing_inspect.route(model, lines, vocabulary, layer=layer, details=False,
+                                   forward=forward)
+    shown = routing_inspect.route(model, sentences, vocabulary, layer=layer, forward=forward)
     layers = {}
     for name, result in corpus["layers"].items():
         counts = [e["count"] for e in result["experts"]]

@@ -11,6 +11,7 @@ train:  {steps: 4000, steps_per_eval: 200, learning_rate: 0.002}
 
 import dataclasses
 
+from keras_moe.pipelines.config import PresetOverrides
 from keras_moe.pipelines.lm_corpora import FORMATS
 
 
@@ -72,7 +73,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelConfig(PresetOverrides):
     """A preset of `keras_moe.models.presets` and overrides of its arguments.
 
     Every key left at None keeps the preset's value.
@@ -94,13 +95,6 @@ class ModelConfig:
     num_sampled: int | None = None
     unroll: bool | None = None
 
-    def overrides(self):
-        """The arguments set here, as `LanguageModel` keyword arguments."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "preset" and getattr(self, f.name) is not None
-        }
 
 
 @dataclasses.dataclass

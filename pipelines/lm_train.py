@@ -25,7 +25,6 @@ import os
 import time
 
 import keras
-import numpy as np
 
 import keras_moe
 from keras_moe.models import presets
@@ -34,6 +33,12 @@ from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines import lm_corpora, lm_input
 from keras_moe.pipelines.lm_config import LMConfig
 from keras_moe.pipelines.lm_data import WordVocabulary, check_vocabulary_matches, load_vocabulary
+from keras_moe.pipelines.runs import (
+    RoutingStatistics,
+    WallClockLimit,
+    find_model,
+    prepare_run_dir,
+)
 from keras_moe.pipelines.wordpiece import WordPieceVocabulary
 
 CONVENTION = (
@@ -70,42 +75,6 @@ def check_inputs(config):
         if split == "valid" or config.data.test:
             for _ in lines_factory(config.data, split)():
                 pass
-
-
-# Keys that only steer how a run is executed: a resumed run may change them.
-RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
-
-
-def _comparable(config):
-    data = config_lib.to_dict(config)
-    for key in RUN_CONTROL_KEYS:
-        data["train"].pop(key)
-    return data
-
-
-def prepare_run_dir(config, run_dir):
-    """Create `run_dir` and write `config.yaml`, or check it for a resumed run.
-
-    Returns:
-        True when the directory already held this run (it resumes).
-    """
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(os.path.join(run_dir, "model.keras")):
-        raise ValueError(
-            f"{run_dir}: holds a finished run (model.keras); choose a new --run-dir"
-        )
-    resumed = os.path.exists(path)
-    if resumed:
-        saved = config_lib.load_config(LMConfig, path)
-        if _comparable(saved) != _comparable(config):
-            raise ValueError(
-                f"{path}: the run directory holds a different configuration; resume with the "
-                "same configuration (only train.time_limit_minutes and train.verbose may "
-                "change) or choose a new --run-dir"
-            )
-    os.makedirs(run_dir, exist_ok=True)
-    config_lib.save_config(config, path)
-    return resumed
 
 
 def build_vocabulary(config, run_dir):
@@ -171,47 +140,17 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
 
     with_routing = routing and any(block == "moe" for block in model.blocks)
     batches = lm_input.evaluation_batches(counted(), vocab, data_config)
-    total, count, stats = 0.0, 0.0, {}
+    total, count, stats = 0.0, 0.0, RoutingStatistics()
     for summed, weight, routings in lm_input.batch_nll(model, batches, with_routing):
         total += summed
         count += weight
-        for name, r in (routings or {}).items():
-            _accumulate_routing(stats.setdefault(name, {}), r)
+        stats.add(routings)
     # The lines are all read now, so `words` is the file's word count.
     result = lm_input.perplexity_result(total, count, words)
     result["convention"] = CONVENTION
     if routing:
-        result["routing"] = {name: _routing_statistics(s) for name, s in stats.items()}
+        result["routing"] = stats.result()
     return result
-
-
-def _cv(values):
-    mean = float(np.mean(values))
-    return float(np.std(values) / mean) if mean > 0 else 0.0
-
-
-def _accumulate_routing(stats, routing):
-    importance = np.asarray(routing.importance, np.float64)
-    counts = np.asarray(routing.counts, np.float64)
-    stats["importance"] = stats.get("importance", 0.0) + importance
-    stats["counts"] = stats.get("counts", 0.0) + counts
-    stats.setdefault("batches", []).append(
-        (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
-    )
-
-
-def _routing_statistics(s):
-    batch = np.mean(s["batches"], axis=0)
-    return {
-        "batch_cv_importance": float(batch[0]),
-        "batch_cv_load": float(batch[1]),
-        "batch_max_mean_load": float(batch[2]),
-        "set_cv_importance": _cv(s["importance"]),
-        "set_cv_load": _cv(s["counts"]),
-        "set_max_mean_load": float(s["counts"].max() / s["counts"].mean()),
-        "experts_without_positions": int(np.sum(s["counts"] == 0)),
-        "batches": len(s["batches"]),
-    }
 
 
 def routing_report(model, lines_factory_, vocab, data_config):
@@ -246,24 +185,6 @@ class ValidationPerplexity(keras.callbacks.Callback):
         result = evaluate_lines(self.model, self.lines_factory, self.vocab, self.data_config)
         logs["val_loss"] = result["loss"]
         logs["val_perplexity"] = result["perplexity"]
-
-
-class WallClockLimit(keras.callbacks.Callback):
-    """Stops training once `minutes` of wall time have passed since `fit` began."""
-
-    def __init__(self, minutes):
-        super().__init__()
-        self.seconds = minutes * 60.0
-        self.start = None
-        self.stopped_at_step = None
-
-    def on_train_begin(self, logs=None):
-        self.start = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if time.monotonic() - self.start > self.seconds and not self.model.stop_training:
-            self.model.stop_training = True
-            self.stopped_at_step = int(self.model.optimizer.iterations.numpy())
 
 
 def make_callbacks(config, run_dir, vocab, model):
@@ -358,12 +279,7 @@ def load_run(run_dir):
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     config = config_lib.load_config(LMConfig, path)
     vocab = load_vocabulary(run_dir)
-    for name in ("model.keras", os.path.join("checkpoints", "last.keras")):
-        model_path = os.path.join(run_dir, name)
-        if os.path.exists(model_path):
-            break
-    else:
-        raise FileNotFoundError(f"{run_dir}: no model.keras or checkpoints/last.keras")
+    model_path = find_model(run_dir)
     model = keras.saving.load_model(model_path, compile=False)
     check_vocabulary_matches(vocab, model.vocab_size, model_path)
     return config, vocab, model, model_path

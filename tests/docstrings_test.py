@@ -32,6 +32,8 @@ MODULES = [
     "keras_moe.models.decoding",
     "keras_moe.models.translation_presets",
     "keras_moe.pipelines.inspect",
+    "keras_moe.pipelines.parallel_corpora",
+    "keras_moe.pipelines.scoring",
 ]
 
 

@@ -100,7 +100,8 @@ def test_invalid_arguments_are_rejected(kwargs, name):
 def test_get_config_round_trip():
     schedule = WarmupInverseSqrt(0.004, warmup_steps=7, decay="constant")
     config = schedule.get_config()
-    assert config == {"learning_rate": 0.004, "warmup_steps": 7, "decay": "constant"}
+    assert config == {"learning_rate": 0.004, "warmup_steps": 7, "decay": "constant",
+                      "hold_steps": 0}
     clone = WarmupInverseSqrt.from_config(config)
     assert clone.get_config() == config
     # Through Keras serialization, by its registered name.
@@ -273,8 +274,25 @@ def test_compiled_model_saves_and_reloads_schedule_and_metric(tmp_path):
     saved_schedule = loaded.optimizer.get_config()["learning_rate"]
     assert saved_schedule["class_name"] == "WarmupInverseSqrt"
     assert saved_schedule["config"] == {
-        "learning_rate": 0.01, "warmup_steps": 8, "decay": "inverse_sqrt"
+        "learning_rate": 0.01, "warmup_steps": 8, "decay": "inverse_sqrt", "hold_steps": 0
     }
     result = loaded.evaluate(x, y, sample_weight=w, batch_size=2, verbose=0, return_dict=True)
     logits = loaded.predict(x, verbose=0)
     assert_allclose(result["perplexity"], numpy_perplexity(y, logits, w), rtol=1e-5)
+
+
+def test_hold_keeps_the_peak_then_decays_from_the_end_of_the_hold_by_hand():
+    # App. E's shape, scaled down: warm-up 2 steps, hold 6, then 1/sqrt.
+    schedule = WarmupInverseSqrt(0.01, warmup_steps=2, hold_steps=6)
+    # s = 1, 2 rise; s = 2..8 at the peak; s = 32 -> 0.01 * sqrt(8 / 32) = 0.005.
+    assert_allclose([lr(schedule, s) for s in range(8)],
+                    [0.005] + [0.01] * 7, rtol=1e-6)
+    assert_allclose(lr(schedule, 31), 0.005, rtol=1e-6)
+    assert lr(schedule, 8) < 0.01
+    restored = WarmupInverseSqrt.from_config(schedule.get_config())
+    assert_allclose(lr(restored, 31), 0.005, rtol=1e-6)
+
+
+def test_hold_steps_must_be_a_non_negative_integer():
+    with pytest.raises(ValueError, match="hold_steps=-1"):
+        WarmupInverseSqrt(0.01, hold_steps=-1)

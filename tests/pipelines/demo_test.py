@@ -1,7 +1,7 @@
-"""End-to-end tests of `keras-moe demo` (keras_moe.pipelines.demo and .cli).
+"""End-to-end tests of `keras-moe lm demo` (keras_moe.pipelines.demo and .cli).
 
 The demo trains a tiny MoE-LSTM for one epoch on a few hundred simple English
-sentences written by the test (once, through the `keras-moe demo` command line,
+sentences written by the test (once, through the `keras-moe lm demo` command line,
 which builds a `DemoConfig` and calls `run_demo`), then the tests read back
 everything the run directory holds: results.json, vocab.json, model.keras and the TensorBoard
 event files (with TensorBoard's own reader). Expected token counts are worked
@@ -69,7 +69,7 @@ def text_file(tmp_path_factory):
 def cli_runs(text_file, tmp_path_factory):
     """The demo, run once through the command line, and a run with a missing file.
 
-    The training run is `keras-moe demo --data FILE --run-dir DIR` with the
+    The training run is `keras-moe lm demo --data FILE --run-dir DIR` with the
     tiny sizes of TINY as flags; the CLI turns them into a `DemoConfig` and
     calls `run_demo`, so the run directory it leaves is `run_demo`'s end to
     end. Both processes start at once: most of their time is TensorFlow's
@@ -78,8 +78,8 @@ def cli_runs(text_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     run_dir, missing = base / "demo", base / "missing.txt"
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in TINY.items()]
-    ok = start_cli(["demo", "--data", str(text_file), "--run-dir", str(run_dir), *flags])
-    bad = start_cli(["demo", "--data", str(missing), "--run-dir", str(base / "bad_run")])
+    ok = start_cli(["lm", "demo", "--data", str(text_file), "--run-dir", str(run_dir), *flags])
+    bad = start_cli(["lm", "demo", "--data", str(missing), "--run-dir", str(base / "bad_run")])
     runs = {"ok": ok, "run_dir": run_dir, "bad": bad, "missing": missing,
             "bad_dir": base / "bad_run"}
     runs["ok_output"] = finish(ok)
@@ -99,7 +99,7 @@ def finish(proc, timeout=300):
 def demo_run(text_file, cli_runs):
     returncode, _, stderr = cli_runs["ok_output"]
     if returncode != 0:
-        pytest.fail(f"keras-moe demo exited with {returncode}:\n{stderr[-3000:]}")
+        pytest.fail(f"keras-moe lm demo exited with {returncode}:\n{stderr[-3000:]}")
     run_dir = cli_runs["run_dir"]
     config = DemoConfig(data=str(text_file), run_dir=str(run_dir), **TINY)
     results = json.loads((run_dir / "results.json").read_text())

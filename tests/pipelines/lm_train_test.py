@@ -94,6 +94,9 @@ def test_cli_two_step_run_then_evaluate(tmp_path, corpus):
     assert evaluated["perplexity"] == pytest.approx(results["valid"]["perplexity"], rel=1e-5)
     assert evaluated["loss"] == pytest.approx(math.log(evaluated["perplexity"]), rel=1e-9)
     assert "per word" in evaluated["convention"]
+    shares = evaluated["routing"]["moe"].pop("set_load_share")
+    assert shares == pytest.approx(results["routing_valid"]["moe"].pop("set_load_share"))
+    assert sum(shares) == pytest.approx(1.0)
     assert evaluated["routing"]["moe"] == pytest.approx(results["routing_valid"]["moe"])
 
 
@@ -240,6 +243,7 @@ def test_routing_report_on_a_router_that_sends_everything_to_two_experts(corpus)
         importance.std() / importance.mean(), rel=1e-5
     )
     assert spread["set_max_mean_load"] == pytest.approx(counts.max() / counts.mean(), rel=1e-6)
+    assert spread["set_load_share"] == pytest.approx(counts / counts.sum(), rel=1e-6)
     assert routing_report(
         LanguageModel(len(vocab), model_dim=16, blocks=("lstm",)),
         lines_factory(config.data, "valid"), vocab, config.data,

@@ -1,0 +1,145 @@
+"""What every training pipeline does with its run directory and its routing.
+
+Shared by `lm_train` and `translate_train`:
+
+- `prepare_run_dir`: write the resolved `config.yaml` first, or check that a
+  resumed run has the same configuration (nothing is deleted or overwritten
+  by a refused run);
+- `WallClockLimit`: stop `fit` after a wall-time budget;
+- `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
+  Importance and Load, max / mean Load) of every MoE block over a whole
+  evaluation set, accumulated batch by batch from `keras_moe.Routing`.
+"""
+
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_moe.pipelines import config as config_lib
+
+# Keys that only steer how a run is executed: a resumed run may change them.
+RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
+
+
+def _comparable(config):
+    data = config_lib.to_dict(config)
+    for key in RUN_CONTROL_KEYS:
+        data["train"].pop(key, None)
+    return data
+
+
+def prepare_run_dir(config, run_dir):
+    """Create `run_dir` and write `config.yaml`, or check it for a resumed run.
+
+    Args:
+        config: a run configuration (a dataclass tree with a `train`
+            section); a saved one is read back as the same class.
+        run_dir: the run directory.
+
+    Returns:
+        True when the directory already held this run (it resumes).
+
+    Raises:
+        ValueError: the directory holds a finished run, or a different
+            configuration (`train.time_limit_minutes` and `train.verbose`
+            may change between a run and its resumption).
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(os.path.join(run_dir, "model.keras")):
+        raise ValueError(
+            f"{run_dir}: holds a finished run (model.keras); choose a new --run-dir"
+        )
+    resumed = os.path.exists(path)
+    if resumed:
+        saved = config_lib.load_config(type(config), path)
+        if _comparable(saved) != _comparable(config):
+            raise ValueError(
+                f"{path}: the run directory holds a different configuration; resume with the "
+                "same configuration (only train.time_limit_minutes and train.verbose may "
+                "change) or choose a new --run-dir"
+            )
+    os.makedirs(run_dir, exist_ok=True)
+    config_lib.save_config(config, path)
+    return resumed
+
+
+class WallClockLimit(keras.callbacks.Callback):
+    """Stops training once `minutes` of wall time have passed since `fit` began."""
+
+    def __init__(self, minutes):
+        super().__init__()
+        self.seconds = minutes * 60.0
+        self.start = None
+        self.stopped_at_step = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.monotonic() - self.start > self.seconds and not self.model.stop_training:
+            self.model.stop_training = True
+            self.stopped_at_step = int(self.model.optimizer.iterations.numpy())
+
+
+def find_model(run_dir):
+    """The model file of a run: `model.keras` when it finished, else the last checkpoint.
+
+    Raises:
+        FileNotFoundError: naming the run directory when it holds neither.
+    """
+    for name in ("model.keras", os.path.join("checkpoints", "last.keras")):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{run_dir}: no model.keras or checkpoints/last.keras")
+
+
+def _cv(values):
+    mean = float(np.mean(values))
+    return float(np.std(values) / mean) if mean > 0 else 0.0
+
+
+class RoutingStatistics:
+    """Expert balance of every MoE block over an evaluation set.
+
+    Feed it each batch's `{block name: keras_moe.Routing}` (taken in
+    inference mode, so Load is the number of positions sent to each
+    expert); `result()` gives, per block, CV (std / mean) of Importance and
+    Load and max / mean Load averaged over the batches (`batch_*`, the
+    paper's per-batch statistics) and over the whole set (`set_*`), each
+    expert's share of the routed positions (`set_load_share`), and the
+    number of experts that received no position.
+    """
+
+    def __init__(self):
+        self.stats = {}
+
+    def add(self, routings):
+        for name, routing in (routings or {}).items():
+            s = self.stats.setdefault(name, {"importance": 0.0, "counts": 0.0, "batches": []})
+            importance = np.asarray(routing.importance, np.float64)
+            counts = np.asarray(routing.counts, np.float64)
+            s["importance"] = s["importance"] + importance
+            s["counts"] = s["counts"] + counts
+            s["batches"].append(
+                (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
+            )
+
+    def result(self):
+        out = {}
+        for name, s in self.stats.items():
+            batch = np.mean(s["batches"], axis=0)
+            out[name] = {
+                "batch_cv_importance": float(batch[0]),
+                "batch_cv_load": float(batch[1]),
+                "batch_max_mean_load": float(batch[2]),
+                "set_cv_importance": _cv(s["importance"]),
+                "set_cv_load": _cv(s["counts"]),
+                "set_max_mean_load": float(s["counts"].max() / max(s["counts"].mean(), 1e-12)),
+                "experts_without_positions": int(np.sum(s["counts"] == 0)),
+                "set_load_share": [float(x) for x in s["counts"] / max(s["counts"].sum(), 1.0)],
+                "batches": len(s["batches"]),
+            }
+        return out
