@@ -73,6 +73,7 @@ def build_parser():
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
 
     _add_translate_parser(sub)
+    _add_reproduce_parser(sub)
 
     inspect = sub.add_parser(
         "inspect",
@@ -144,6 +145,71 @@ def _add_translate_parser(sub):
     score.add_argument("--ref", dest="refs", action="append", required=True)
     score.add_argument("--target-language", default="de")
     t_sub.add_parser("presets", help="list the translation presets with their costs")
+
+
+def _add_reproduce_parser(sub):
+    reproduce = sub.add_parser(
+        "reproduce", help="the paper's experiments (Tables 2, 3, 6, 7): list them, plan one "
+        "(costs checked against the paper, batch, memory, time), run one into the ledger, "
+        "report the ledger beside the paper (see docs/reproduce.md)"
+    )
+    r_sub = reproduce.add_subparsers(dest="reproduce_command", required=True)
+    r_sub.add_parser("list", help="every experiment with the paper's figures, time and hardware")
+    plan = r_sub.add_parser(
+        "plan", help="costs against the paper's (exit 2 if they disagree by more than 2%%), "
+        "batch per device and per expert, memory per device, steps, estimated time"
+    )
+    plan.add_argument("name", help="an experiment name (see `keras-moe reproduce list`)")
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="devices to plan for (default: the experiment's assumed count)")
+    plan.add_argument("--no-measure", dest="measure", action="store_false",
+                      help="skip timing a scaled-down copy on this machine")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    overrides = dict(
+        dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one configuration key, e.g. --set train.steps=100 (repeatable)",
+    )
+    plan.add_argument("--set", **overrides)
+    run = r_sub.add_parser("run", help="train the experiment, then append its line to the ledger")
+    run.add_argument("name", help="an experiment name (see `keras-moe reproduce list`)")
+    run.add_argument("--run-dir", required=True, help="directory that receives the run")
+    run.add_argument("--set", **overrides)
+    run.add_argument("--ledger", default=None,
+                     help="JSON-lines ledger (default: ledger.jsonl beside --run-dir)")
+    report = r_sub.add_parser(
+        "report", help="the ledger as a Markdown table beside the paper's figures, and an "
+        "HTML page with a chart"
+    )
+    report.add_argument("--ledger", default="runs/reproduce/ledger.jsonl",
+                        help="(default: runs/reproduce/ledger.jsonl)")
+    report.add_argument("--out", default=None,
+                        help="Markdown file (default: report.md beside the ledger); the HTML "
+                        "page goes to the same name with .html")
+
+
+def run_reproduce(args):
+    """`keras-moe reproduce ...`: parse, call the library, print."""
+    import json
+
+    from keras_moe.pipelines import reproduce
+
+    command = args.reproduce_command
+    if command == "list":
+        print(reproduce.format_list())
+    elif command == "plan":
+        result = reproduce.plan(args.name, gpus=args.gpus, overrides=args.overrides,
+                                measure=args.measure)
+        print(json.dumps(result, indent=2) if args.json else reproduce.format_plan(result))
+        reproduce.check_plan(result)
+    elif command == "run":
+        entry = reproduce.run(args.name, args.run_dir, args.overrides, args.ledger)
+        print(json.dumps(entry, indent=2))
+    else:
+        from keras_moe.pipelines import ledger
+
+        text, md_path, html_path = ledger.write_report(args.ledger, args.out)
+        print(text)
+        print(f"written: {md_path}, {html_path}")
 
 
 def run_translate(args):
@@ -249,8 +315,11 @@ def main(argv=None):
             run_translate(args)
         elif args.command == "inspect":
             run_inspect(args)
+        elif args.command == "reproduce":
+            run_reproduce(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
-        sub = getattr(args, "lm_command", None) or getattr(args, "translate_command", None)
+        sub = next((getattr(args, a) for a in ("lm_command", "translate_command",
+                    "reproduce_command") if getattr(args, a, None)), None)
         command = " ".join(a for a in (args.command, sub) if a)
         print(f"keras-moe {command}: error: {error}", file=sys.stderr)
         return 2

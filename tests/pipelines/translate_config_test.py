@@ -79,6 +79,8 @@ def test_translation_training_defaults_follow_appendix_e():
 @pytest.mark.parametrize(
     "path", sorted(glob.glob(os.path.join(REPO, "pipelines", "configs", "*", "*.yaml"))))
 def test_shipped_configs_load(path):
-    cls = TranslateConfig if os.sep + "translate" + os.sep in path else LMConfig
+    translation = (os.sep + "translate" + os.sep in path
+                   or os.path.basename(path).startswith("wmt"))
+    cls = TranslateConfig if translation else LMConfig
     config = config_lib.load_config(cls, path)
     assert config.train.steps > 0
