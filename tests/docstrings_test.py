@@ -20,6 +20,7 @@ MODULES = [
     "keras_moe.monitoring",
     "keras_moe.inspect",
     "keras_moe.validation",
+    "keras_moe.multi_worker",
     "keras_moe.models.lm",
     "keras_moe.models.lstmp",
     "keras_moe.models.softmax",
