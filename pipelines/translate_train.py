@@ -376,7 +376,8 @@ def train(config, run_dir):
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
     evaluated = _evaluation_model(model, run_dir, config.decode.average_checkpoints)
-    results["averaged_checkpoints"] = evaluated is not model and config.decode.average_checkpoints
+    # How many step checkpoints the evaluated weights average (0: the final weights).
+    results["averaged_checkpoints"] = getattr(evaluated, "averaged_checkpoints", 0)
     out_dir = os.path.join(run_dir, "translations")
     valid = score_split(evaluated, vocab, config, valid_pairs, "valid", out_dir, routing=True)
     results["routing_valid"] = valid.pop("routing")
@@ -398,7 +399,9 @@ def _evaluation_model(model, run_dir, average):
         return model
     copy = keras.models.clone_model(model)
     copy((np.full((1, 2), 2, np.int32), np.full((1, 2), 2, np.int32)))
-    return average_checkpoints(copy, paths)
+    average_checkpoints(copy, paths)
+    copy.averaged_checkpoints = len(paths)
+    return copy
 
 
 def load_run(run_dir, average=None):
