@@ -139,6 +139,21 @@ def _aligned_lines(source_path, target_path):
         target.close()
 
 
+def read_sentences(path):
+    """One side of a corpus: the lines of a text file (`.gz` too) or the segments of a `.sgm`.
+
+    Lines are decoded and stripped as `read_parallel_files` does, blank
+    lines kept (line `i` is sentence `i`).
+
+    Raises:
+        FileNotFoundError: naming a missing file.
+        ParallelDataError: naming `path:line` for bad bytes.
+    """
+    if _is_sgm(path):
+        return read_sgm(path)
+    return [line.strip() for _, line in _numbered_lines(_check_file(path))]
+
+
 def _check_column(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{name}` must be an integer >= 0. Received: {name}={value!r}")

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from keras_moe.pipelines import corpora, translate_train
+from keras_moe.pipelines import corpora, parallel_corpora, translate_train
 from keras_moe.pipelines.translate_config import (
     CorpusConfig,
     DataConfig,
@@ -136,7 +136,7 @@ def _directory_parts(config, data_dir):
     n = config.eval_sentences
     parts = [CorpusConfig(source=found["train"][0], target=found["train"][1])]
     for split in ("valid", "test"):
-        lines = [translate_train.read_sentences(p)[:n] for p in found[split]]
+        lines = [parallel_corpora.read_sentences(p)[:n] for p in found[split]]
         parts.append(_write_pairs(list(zip(*lines, strict=True)),
                                   os.path.join(data_dir, split), src, tgt))
     return (*parts, f"parallel files in {config.data}")

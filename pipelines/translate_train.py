@@ -428,13 +428,6 @@ def load_run(run_dir, average=None):
     return config, vocab, _evaluation_model(model, run_dir, average), model_path
 
 
-def read_sentences(path):
-    """Lines of a text file (`.gz` too) or segments of a WMT `.sgm` file; blank lines kept."""
-    if path.endswith(".sgm"):
-        return parallel_corpora.read_sgm(path)
-    return [s for s, _ in parallel_corpora.read_parallel_files(path, path)]
-
-
 def evaluate(run_dir, source, references, beam_width=None, average=None, out=None):
     """Translate `source` with a run's model and score it against `references`.
 
@@ -454,8 +447,8 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
     """
     if not references:
         raise ValueError("`references` must name at least one reference file")
-    sources = read_sentences(source)
-    streams = [read_sentences(r) for r in references]
+    sources = parallel_corpora.read_sentences(source)
+    streams = [parallel_corpora.read_sentences(r) for r in references]
     for path, stream in zip(references, streams, strict=True):
         if len(stream) != len(sources):
             raise ValueError(

@@ -543,3 +543,21 @@ def test_tfds_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
     with raises(ImportError, "pip install tensorflow-datasets"):
         tfds_pairs("wmt14_translate/de-en", "test", "en", "de")
+
+
+def test_read_sentences_keeps_blank_lines_and_reads_gz_and_sgm(tmp_path):
+    import gzip
+
+    plain = tmp_path / "a.en"
+    plain.write_text("  one \n\ntwo\n", encoding="utf-8")
+    packed = tmp_path / "a.en.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write("one\n\ntwo\n")
+    sgm = tmp_path / "a.sgm"
+    sgm.write_text('<srcset><doc docid="d"><seg id="1">A &amp; B</seg>\n<seg id="2">C</seg>'
+                   "</doc></srcset>\n", encoding="utf-8")
+    assert parallel_corpora.read_sentences(str(plain)) == ["one", "", "two"]
+    assert parallel_corpora.read_sentences(str(packed)) == ["one", "", "two"]
+    assert parallel_corpora.read_sentences(str(sgm)) == ["A & B", "C"]
+    with pytest.raises(FileNotFoundError, match="missing.en"):
+        parallel_corpora.read_sentences(str(tmp_path / "missing.en"))
