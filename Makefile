@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py
 	$(BIN)/python benchmarks/lm_throughput.py
 	$(BIN)/python benchmarks/translate_throughput.py
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

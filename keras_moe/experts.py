@@ -5,6 +5,7 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_moe import expert_parallel as ep
 from keras_moe.validation import check_int
 
 
@@ -46,6 +47,13 @@ class FeedForwardExperts(keras.layers.Layer):
         use_bias: bool.
         seed: optional int seed of the initializers.
         num_hidden_layers: int >= 1, `L`, hidden layers of width `h` per expert.
+        expert_parallel: bool. Built under a `MirroredStrategy` of `R > 1`
+            replicas, each replica then holds `E / R` experts (variables of
+            shape `[E / R, ...]`, replica `r`'s component holding experts
+            `r E / R ...`), and the layer must be called through
+            `keras_moe.expert_parallel.expert_parallel_dispatch` (the MoE
+            layers do). Saved files hold all `E` experts either way, so a
+            model saved from `R` replicas reloads on one device and back.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -73,9 +81,16 @@ class FeedForwardExperts(keras.layers.Layer):
         use_bias=True,
         seed=None,
         num_hidden_layers=1,
+        expert_parallel=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not isinstance(expert_parallel, bool):
+            raise ValueError(
+                f"`expert_parallel` must be a bool. Received: expert_parallel={expert_parallel!r}"
+            )
+        self.expert_parallel = expert_parallel
+        self.num_shards = 1
         check_int("num_experts", num_experts)
         check_int("hidden_dim", hidden_dim)
         check_int("output_dim", output_dim, allow_none=True)
@@ -91,7 +106,10 @@ class FeedForwardExperts(keras.layers.Layer):
     def build(self, input_shape):
         d = input_shape[-1]
         out = self.output_dim or d
-        e, h = self.num_experts, self.hidden_dim
+        if self.expert_parallel:
+            self.num_shards = ep.num_shards_for(self.num_experts)
+        # Each replica's share: all experts unless expert parallel.
+        e, h = self.num_experts // self.num_shards, self.hidden_dim
         seed2 = None if self.seed is None else self.seed + 1
         self.w_in = self.add_weight(
             name="w_in", shape=(e, d, h), initializer=_per_expert_glorot(d, h, self.seed)
@@ -115,6 +133,47 @@ class FeedForwardExperts(keras.layers.Layer):
                 self.b_hidden = self.add_weight(
                     name="b_hidden", shape=(e, extra, h), initializer="zeros"
                 )
+        if self.num_shards > 1:
+            self._initialize_shards()
+
+    def _initialize_shards(self):
+        # The strategy gave every component the same initial value, which
+        # would make the experts of different replicas identical copies.
+        ep.install_optimizer_hook()
+        for variable in self.weights:
+            ep.mark_sharded(variable)
+        kernels = [(self.w_in, 0), (self.w_out, 1)]
+        if self.w_hidden is not None:
+            kernels.append((self.w_hidden, 2))
+        for variable, offset in kernels:
+            fan_in, fan_out = variable.shape[-2], variable.shape[-1]
+            for shard, component in enumerate(ep.components(variable)):
+                seed = None if self.seed is None else self.seed + offset + 7919 * shard
+                init = _per_expert_glorot(fan_in, fan_out, seed)
+                component.assign(init(variable.shape, dtype=variable.dtype))
+
+    def _own_variables(self):
+        return self._trainable_variables + self._non_trainable_variables
+
+    def save_own_variables(self, store):
+        """Saves all `E` experts, gathered from the replicas if expert parallel."""
+        if self.num_shards == 1:
+            return super().save_own_variables(store)
+        for i, variable in enumerate(self._own_variables()):
+            store[f"{i}"] = ep.full_value(variable)
+
+    def load_own_variables(self, store):
+        """Loads all `E` experts, giving each replica its share if expert parallel."""
+        if self.num_shards == 1:
+            return super().load_own_variables(store)
+        variables = self._own_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer '{self.name}' has {len(variables)} variables; the file lists "
+                f"{len(store.keys())}"
+            )
+        for i, variable in enumerate(variables):
+            ep.assign_shards(variable, store[f"{i}"])
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
@@ -189,5 +248,6 @@ class FeedForwardExperts(keras.layers.Layer):
             "use_bias": self.use_bias,
             "seed": self.seed,
             "num_hidden_layers": self.num_hidden_layers,
+            "expert_parallel": self.expert_parallel,
         }
         return {**super().get_config(), **config}

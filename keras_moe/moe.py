@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import dispatch
+from keras_moe import expert_parallel as ep
 from keras_moe.batchwise import BatchwiseGating
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import GATING_TYPES, NoisyTopKGating, validate_common
@@ -49,7 +50,7 @@ class SparseMoEBase(keras.layers.Layer):
     def _init_base(
         self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
         load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-        balancing_scope="global", expert_hidden_layers=1,
+        balancing_scope="global", expert_hidden_layers=1, expert_parallel=False,
     ):
         """Validate and store the arguments both layers share; create the experts."""
         if balancing_scope not in ("global", "replica"):
@@ -81,9 +82,10 @@ class SparseMoEBase(keras.layers.Layer):
         self.routing_accumulators = None
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
-            seed=seed, num_hidden_layers=expert_hidden_layers, dtype=self.dtype_policy,
-            name="experts",
+            seed=seed, num_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
+            dtype=self.dtype_policy, name="experts",
         )
+        self.expert_parallel = expert_parallel
 
     def _base_config(self):
         return {
@@ -99,6 +101,7 @@ class SparseMoEBase(keras.layers.Layer):
             "use_bias": self.use_bias,
             "seed": self.seed,
             "balancing_scope": self.balancing_scope,
+            "expert_parallel": self.expert_parallel,
         }
 
     def build(self, input_shape):
@@ -127,6 +130,7 @@ class SparseMoEBase(keras.layers.Layer):
 
         weight = None
         kept = None
+        exchanged = None
         if mask is not None:
             weight = tf.reshape(tf.cast(mask, tf.float32), [-1])
             if self.capacity_factor is None:
@@ -139,7 +143,16 @@ class SparseMoEBase(keras.layers.Layer):
         decision = self.gating(tokens, training=training, weight=weight)
         num_routed = tf.shape(tokens)[0]
 
-        if self.capacity_factor is None:
+        if self.experts.num_shards > 1:
+            valid = None
+            if weight is not None:
+                valid = tf.gather(weight, decision.token_index) > 0
+            y, dropped, exchanged = ep.expert_parallel_dispatch(
+                tokens, decision.token_index, decision.expert_index, decision.gate,
+                self.experts, num_routed, self.capacity_factor, valid=valid,
+                priority=self._pair_priority(decision),
+            )
+        elif self.capacity_factor is None:
             y = dispatch.dropless_dispatch(
                 tokens, decision.token_index, decision.expert_index, decision.gate,
                 self.experts, num_routed,
@@ -179,9 +192,10 @@ class SparseMoEBase(keras.layers.Layer):
             self._accumulate_routing(decision, dropped)
         if not return_routing:
             return y
-        return y, self._routing(
+        routing = self._routing(
             decision, aux_loss, dropped, lead_shape, kept, weight, num_tokens
         )
+        return y, routing._replace(exchanged_elements=exchanged)
 
     def _global_balancing_loss(self, decision):
         """The balancing loss over the batch of *all* replicas (Section 3).
@@ -324,6 +338,12 @@ class MoE(SparseMoEBase):
         expert_hidden_layers: int >= 1, hidden layers of width
             `expert_hidden_dim` in each expert (the paper's MoE-1-Deep has
             4); see `keras_moe.FeedForwardExperts`.
+        expert_parallel: bool (default False). Built under a
+            `tf.distribute.MirroredStrategy` of `R` replicas, each replica
+            holds `num_experts / R` experts instead of a copy of all of them,
+            and tokens travel to their experts' replica and back (Section
+            3.1; see `keras_moe.expert_parallel`). `num_experts` must be
+            divisible by `R`. The gate stays data parallel.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -361,6 +381,7 @@ class MoE(SparseMoEBase):
         seed=None,
         balancing_scope="global",
         expert_hidden_layers=1,
+        expert_parallel=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -373,7 +394,7 @@ class MoE(SparseMoEBase):
         self._init_base(
             num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
             load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-            balancing_scope, expert_hidden_layers,
+            balancing_scope, expert_hidden_layers, expert_parallel,
         )
         self.k = k
         self.threshold_weight = float(threshold_weight)

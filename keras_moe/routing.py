@@ -74,6 +74,10 @@ class Routing(NamedTuple):
         noise_std: float32 `[..., E]` or None when no noise was applied.
         primary_importance: float32 `[num_groups]` or None (hierarchical).
         primary_load: float32 `[num_groups]` or None (hierarchical).
+        exchanged_elements: int32 scalar or None: expert parallel only, the
+            number of elements this replica put into the dispatch's
+            collectives in the forward pass (see
+            `keras_moe.expert_parallel.expert_parallel_dispatch`).
     """
 
     expert_indices: tf.Tensor
@@ -87,6 +91,7 @@ class Routing(NamedTuple):
     noise_std: tf.Tensor | None = None
     primary_importance: tf.Tensor | None = None
     primary_load: tf.Tensor | None = None
+    exchanged_elements: tf.Tensor | None = None
 
 
 def routing_statistics(importance, counts, dropped_fraction):

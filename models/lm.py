@@ -56,6 +56,12 @@ class LanguageModel(keras.Model):
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).
+        expert_parallel: bool; the MoE blocks' `expert_parallel` (see
+            `keras_moe.MoE`): built under a `MirroredStrategy` of `R`
+            replicas, each replica holds `num_experts / R` experts, and the
+            model then runs only inside the strategy's replicas (`fit`,
+            `predict`, `evaluate`, `strategy.run`). A saved model holds all
+            experts and reloads outside a strategy as a one-device model.
         seed: optional int.
         name: model name.
 
@@ -98,6 +104,7 @@ class LanguageModel(keras.Model):
         dropout=0.1,
         num_sampled=0,
         unroll=False,
+        expert_parallel=False,
         seed=None,
         name="language_model",
         **kwargs,
@@ -153,6 +160,11 @@ class LanguageModel(keras.Model):
         self.dropout = float(dropout)
         self.num_sampled = num_sampled
         self.unroll = bool(unroll)
+        if not isinstance(expert_parallel, bool):
+            raise ValueError(
+                f"`expert_parallel` must be a bool. Received: expert_parallel={expert_parallel!r}"
+            )
+        self.expert_parallel = expert_parallel
         self.seed = seed
 
         self.embedding = keras.layers.Embedding(
@@ -191,7 +203,7 @@ class LanguageModel(keras.Model):
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
-            seed=self.seed,
+            expert_parallel=self.expert_parallel, seed=self.seed,
         )
 
     def build(self, input_shape=(None, None)):
@@ -277,6 +289,7 @@ class LanguageModel(keras.Model):
             "dropout": self.dropout,
             "num_sampled": self.num_sampled,
             "unroll": self.unroll,
+            "expert_parallel": self.expert_parallel,
             "seed": self.seed,
             "name": self.name,
         }

@@ -80,6 +80,11 @@ class TranslationModel(keras.Model):
             decoder LSTM too (GNMT).
         dropout: float in [0, 1), on the embedding and every block output
             (the paper's 0.4).
+        expert_parallel: bool; the MoE layers' `expert_parallel` (see
+            `keras_moe.MoE`): under a `MirroredStrategy` of `R` replicas
+            each replica holds `num_experts / R` experts, and the model runs
+            only inside the strategy's replicas. Saved files hold all
+            experts; reloaded outside a strategy it is a one-device model.
         seed: optional int.
         name: model name.
 
@@ -126,6 +131,7 @@ class TranslationModel(keras.Model):
         attention_units=None,
         upper_context=True,
         dropout=0.4,
+        expert_parallel=False,
         seed=None,
         name="translation_model",
         **kwargs,
@@ -142,7 +148,7 @@ class TranslationModel(keras.Model):
         check_int("ffn_hidden_dim", ffn_hidden_dim, 1, allow_none=True)
         check_int("attention_units", attention_units, 1, allow_none=True)
         for flag, value in (("bidirectional_encoder", bidirectional_encoder),
-                            ("upper_context", upper_context)):
+                            ("upper_context", upper_context), ("expert_parallel", expert_parallel)):
             if not isinstance(value, bool):
                 raise ValueError(f"`{flag}` must be a bool. Received: {flag}={value!r}")
         if middle_block not in MIDDLE_BLOCKS:
@@ -194,6 +200,7 @@ class TranslationModel(keras.Model):
         self.attention_units = attention_units
         self.upper_context = upper_context
         self.dropout = float(dropout)
+        self.expert_parallel = expert_parallel
         self.seed = seed
 
         # One embedding for source and target: the vocabulary is shared.
@@ -255,7 +262,7 @@ class TranslationModel(keras.Model):
             self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
-            capacity_factor=self.capacity_factor, seed=seed,
+            capacity_factor=self.capacity_factor, expert_parallel=self.expert_parallel, seed=seed,
         )
 
     def build(self, input_shape=None):
@@ -427,6 +434,7 @@ class TranslationModel(keras.Model):
             "attention_units": self.attention_units,
             "upper_context": self.upper_context,
             "dropout": self.dropout,
+            "expert_parallel": self.expert_parallel,
             "seed": self.seed,
             "name": self.name,
         }

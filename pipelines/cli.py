@@ -31,6 +31,51 @@ def _dataclass_from_args(cls, args):
     return cls(**{k: v for k, v in values.items() if v is not None})
 
 
+def _add_strategy_flags(parser):
+    from keras_moe.pipelines.lm_config import STRATEGIES
+
+    parser.add_argument(
+        "--strategy", choices=STRATEGIES, default=None,
+        help="tf.distribute strategy (overrides train.strategy; default: the config's, "
+        "'default'); see docs/lm.md",
+    )
+    parser.add_argument(
+        "--expert-parallel", action="store_true", default=None,
+        help="with --strategy mirrored: each replica holds num_experts / replicas experts "
+        "(sets train.expert_parallel)",
+    )
+    parser.add_argument(
+        "--cpu-devices", type=int, default=None, metavar="N",
+        help="split the CPU into N logical devices first (mirrored then has N replicas on a "
+        "machine without GPUs)",
+    )
+
+
+def _train_overrides(args):
+    """`--set` overrides plus those of `--strategy` and `--expert-parallel` (which win)."""
+    overrides = list(args.overrides)
+    if args.strategy is not None:
+        overrides.append(f"train.strategy={args.strategy}")
+    if args.expert_parallel:
+        overrides.append("train.expert_parallel=true")
+    return overrides
+
+
+def _split_cpu(args):
+    """`--cpu-devices`: first thing in a train command, before TensorFlow starts."""
+    if args.cpu_devices is not None:
+        from keras_moe.pipelines import distribution
+
+        distribution.split_cpu(args.cpu_devices)
+
+
+def _train_strategy(config):
+    """The run's strategy, made before anything else runs TensorFlow."""
+    from keras_moe.pipelines import distribution
+
+    return distribution.make_strategy(config.train.strategy)
+
+
 def build_parser():
     from keras_moe.pipelines.demo import DemoConfig
     from keras_moe.pipelines.translate_demo import TranslateDemoConfig
@@ -64,6 +109,7 @@ def build_parser():
         help="override one configuration key, e.g. --set train.steps=100 (repeatable)",
     )
     train.add_argument("--run-dir", required=True, help="directory that receives the run")
+    _add_strategy_flags(train)
     evaluate = lm_sub.add_parser(
         "evaluate", help="per-word perplexity of a trained run on a corpus, printed as JSON"
     )
@@ -113,6 +159,7 @@ def _add_translate_parser(sub):
         help="override one configuration key, e.g. --set train.steps=100 (repeatable)",
     )
     train.add_argument("--run-dir", required=True, help="directory that receives the run")
+    _add_strategy_flags(train)
     evaluate = t_sub.add_parser(
         "evaluate", help="translate a test set and print BLEU (sacreBLEU, with signature), "
         "tokenized BLEU, chrF and perplexity as JSON; the hypotheses are written to a file"
@@ -220,12 +267,15 @@ def run_translate(args):
 
     command = args.translate_command
     if command == "train":
+        _split_cpu(args)
         from keras_moe.pipelines.config import load_config
         from keras_moe.pipelines.translate_config import TranslateConfig
 
-        config = load_config(TranslateConfig, args.config, args.overrides)
-        results = translate_train.train(config, args.run_dir)
+        config = load_config(TranslateConfig, args.config, _train_overrides(args))
+        results = translate_train.train(config, args.run_dir, _train_strategy(config))
         summary = {"run_dir": args.run_dir}
+        if results.get("chief") is False:
+            summary.update(results)
         for split in ("valid", "test"):
             if split in results:
                 summary[split] = {k: results[split][k] for k in (
@@ -270,12 +320,15 @@ def run_lm(args):
 
         run_demo(_dataclass_from_args(DemoConfig, args))
     elif args.lm_command == "train":
+        _split_cpu(args)
         from keras_moe.pipelines.config import load_config
         from keras_moe.pipelines.lm_config import LMConfig
 
-        config = load_config(LMConfig, args.config, args.overrides)
-        results = lm_train.train(config, args.run_dir)
-        print(json.dumps({"run_dir": args.run_dir, "valid": results["valid"]}, indent=2))
+        config = load_config(LMConfig, args.config, _train_overrides(args))
+        results = lm_train.train(config, args.run_dir, _train_strategy(config))
+        summary = {"run_dir": args.run_dir}
+        summary.update({"valid": results["valid"]} if "valid" in results else results)
+        print(json.dumps(summary, indent=2))
     elif args.lm_command == "evaluate":
         print(json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format), indent=2))
     else:
@@ -317,7 +370,7 @@ def main(argv=None):
             run_inspect(args)
         elif args.command == "reproduce":
             run_reproduce(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as error:
         sub = next((getattr(args, a) for a in ("lm_command", "translate_command",
                     "reproduce_command") if getattr(args, a, None)), None)
         command = " ".join(a for a in (args.command, sub) if a)

@@ -14,6 +14,36 @@ import dataclasses
 from keras_moe.pipelines.config import PresetOverrides
 from keras_moe.pipelines.lm_corpora import FORMATS
 
+# `train.strategy` values (see `keras_moe.pipelines.distribution`).
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def check_train_keys(strategy, expert_parallel):
+    """ValueError naming the key unless `train.strategy` / `train.expert_parallel` are valid.
+
+    Example:
+
+    >>> check_train_keys("mirrored", True)
+    >>> check_train_keys("default", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `expert_parallel` (--expert-parallel) needs strategy 'mirrored'. Received: expert_parallel=True, strategy='default'
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"`strategy` must be one of {', '.join(map(repr, STRATEGIES))}. "
+            f"Received: strategy={strategy!r}"
+        )
+    if not isinstance(expert_parallel, bool):
+        raise ValueError(
+            f"`expert_parallel` must be true or false. Received: expert_parallel={expert_parallel!r}"
+        )
+    if expert_parallel and strategy != "mirrored":
+        raise ValueError(
+            "`expert_parallel` (--expert-parallel) needs strategy 'mirrored'. "
+            f"Received: expert_parallel=True, strategy={strategy!r}"
+        )
+
 
 def _positive(name, value, allow_zero=False):
     if value is None:
@@ -119,8 +149,11 @@ class TrainConfig:
     monitor_every_n_steps: int = 50  # routing histograms and bar charts
     time_limit_minutes: float | None = None  # stop after this much wall time
     verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 a line per epoch
+    strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
+    expert_parallel: bool = False  # mirrored only: E / replicas experts per replica
 
     def __post_init__(self):
+        check_train_keys(self.strategy, self.expert_parallel)
         for name in ("steps", "steps_per_eval", "learning_rate", "monitor_every_n_steps"):
             _positive(name, getattr(self, name))
         for name in ("warmup_steps", "epsilon", "clipnorm", "time_limit_minutes"):

@@ -12,12 +12,21 @@ run_dir/checkpoints/         last.keras (every evaluation) and best.keras
 run_dir/backup/              BackupAndRestore state: a killed run resumes here
 run_dir/history.csv          one row per evaluation
 run_dir/model.keras          the final model
-run_dir/results.json         final validation (and test) perplexity, wall time
+run_dir/results.json         final validation (and test) perplexity, wall time,
+                             strategy and replicas
 ```
 
 Running `train` again on the same directory with the same configuration
 resumes from the backup; a different configuration is refused, and nothing
 already in the directory is deleted or overwritten by a refused run.
+
+`train.strategy` picks the `tf.distribute` strategy (see
+`keras_moe.pipelines.distribution`): `default`; `mirrored` (the model and its
+optimizer are built and compiled in the strategy's scope, `fit` splits each
+configured batch, the global batch, over the replicas; with
+`train.expert_parallel` each replica holds `num_experts / replicas`
+experts); `tpu`; or `multi_worker`, which trains with
+`keras_moe.multi_worker.train` instead of `fit` (see `train_multi_worker`).
 """
 
 import json
@@ -30,7 +39,7 @@ import keras_moe
 from keras_moe.models import presets
 from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
-from keras_moe.pipelines import lm_corpora, lm_input
+from keras_moe.pipelines import distribution, lm_corpora, lm_input
 from keras_moe.pipelines.lm_config import LMConfig
 from keras_moe.pipelines.lm_data import WordVocabulary, check_vocabulary_matches, load_vocabulary
 from keras_moe.pipelines.runs import (
@@ -82,11 +91,14 @@ def build_vocabulary(config, run_dir):
 
     A new vocabulary is returned unsaved (`save_vocabulary` writes it once
     the run directory is prepared), so bad training text fails first.
+    `run_dir=None` always learns it (the vocabulary is a deterministic
+    function of the training text).
     """
-    try:
-        return load_vocabulary(run_dir)
-    except FileNotFoundError:
-        pass
+    if run_dir is not None:
+        try:
+            return load_vocabulary(run_dir)
+        except FileNotFoundError:
+            pass
     c = config.data
     lines = lines_factory(c, "train")()
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
@@ -102,19 +114,31 @@ def save_vocabulary(vocab, run_dir):
         vocab.save(os.path.join(run_dir, "vocab.json"))
 
 
-def build_model(config, vocab_size):
-    model = presets.build_language_model(
-        config.model.preset, vocab_size, seed=config.train.seed, **config.model.overrides()
-    )
-    # Built now: BackupAndRestore restores weights into a built model only.
-    model.build((None, None))
-    t = config.train
-    optimizer = keras.optimizers.Adam(
+def make_optimizer(train_config):
+    """Adam with the paper's schedule (`WarmupInverseSqrt`), from the `train` section."""
+    t = train_config
+    return keras.optimizers.Adam(
         WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay),
         beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
     )
+
+
+def build_model(config, vocab_size, compile=True):
+    """The configured model, built (and compiled unless `compile=False`).
+
+    Call it inside the strategy's scope: the weights and the optimizer's
+    variables then belong to the strategy.
+    """
+    model = presets.build_language_model(
+        config.model.preset, vocab_size, seed=config.train.seed,
+        expert_parallel=config.train.expert_parallel, **config.model.overrides()
+    )
+    # Built now: BackupAndRestore restores weights into a built model only.
+    model.build((None, None))
+    if not compile:
+        return model
     model.compile(
-        optimizer=optimizer,
+        optimizer=make_optimizer(config.train),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="mean_with_sample_weight"
         ),
@@ -182,7 +206,9 @@ class ValidationPerplexity(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        result = evaluate_lines(self.model, self.lines_factory, self.vocab, self.data_config)
+        # An expert-parallel model is evaluated through its one-device copy.
+        model = distribution.evaluation_model(self.model)
+        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config)
         logs["val_loss"] = result["loss"]
         logs["val_perplexity"] = result["perplexity"]
 
@@ -213,16 +239,19 @@ def make_callbacks(config, run_dir, vocab, model):
     return callbacks
 
 
-def train(config, run_dir):
+def train(config, run_dir, strategy=None):
     """Train the language model `config` describes; write the run into `run_dir`.
 
     Args:
         config: an `LMConfig`.
         run_dir: the run directory (created; resumed when it holds a backup
             of the same configuration).
+        strategy: optional `tf.distribute.Strategy` of `train.strategy`,
+            already made (`distribution.make_strategy`); None makes it.
 
     Returns:
-        The results dict also written to `run_dir/results.json`.
+        The results dict also written to `run_dir/results.json` (on a
+        non-chief `multi_worker` task: `chief`, `task` and `steps` only).
 
     Raises:
         FileNotFoundError, ValueError: naming the file or key at fault;
@@ -230,14 +259,22 @@ def train(config, run_dir):
     """
     if not isinstance(config, LMConfig):
         raise TypeError(f"`config` must be an LMConfig. Received: {type(config).__name__}")
+    t = config.train
+    if strategy is None:
+        # First: `multi_worker` and `tpu` must start before any TensorFlow op.
+        strategy = distribution.make_strategy(t.strategy)
+    if t.strategy == "multi_worker":
+        return train_multi_worker(config, run_dir, strategy)
     check_inputs(config)
     vocab = build_vocabulary(config, run_dir)
     resumed = prepare_run_dir(config, run_dir)
     if not resumed:
         save_vocabulary(vocab, run_dir)
-    keras.utils.set_random_seed(config.train.seed)
-    model = build_model(config, len(vocab))
-    t = config.train
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = build_model(config, len(vocab))
+    distribution.check_model(model, t.strategy)
+    distribution.attach_evaluation_copy(model, t.strategy)
     dataset = lm_input.training_dataset(
         lines_factory(config.data, "train"), vocab, config.data, seed=t.seed
     )
@@ -255,9 +292,16 @@ def train(config, run_dir):
         "resumed": resumed,
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": round(train_seconds, 1),
+        "strategy": t.strategy,
+        "replicas": int(strategy.num_replicas_in_sync),
         "costs": presets.costs(model.get_config()),
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
+    return _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
+
+
+def _finish(config, run_dir, model, vocab, results):
+    """Final validation (and test) perplexity into `results`; write `results.json`."""
     valid = evaluate_lines(
         model, lines_factory(config.data, "valid"), vocab, config.data, routing=True
     )
@@ -269,6 +313,67 @@ def train(config, run_dir):
         )
     with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
+    return results
+
+
+def train_multi_worker(config, run_dir, strategy):
+    """`train` under `MultiWorkerMirroredStrategy`: `keras_moe.multi_worker.train`, not `fit`.
+
+    Every worker runs the same command with its own `TF_CONFIG`. Each reads
+    the training text through the pipeline's own seeded `training_dataset`
+    built with the per-replica batch (`data.batch_size` or
+    `data.batch_tokens` divided by the replicas) and keeps every n-th batch
+    (`multi_worker_dataset`). The model and Adam are created under the
+    strategy's scope; the objective is the loop's (weighted token losses
+    summed over the global batch, divided by its number of positions,
+    padding included, plus the balancing losses), and `num_sampled` is
+    ignored (full softmax).
+
+    Checkpoints: `run_dir/checkpoints/multi_worker` (`train.steps_per_eval`
+    steps apart; shared by every worker); a killed run started again with
+    the same command resumes from the last one. Not in this path:
+    validation during training, `BackupAndRestore`, the `.keras`
+    checkpoints, `history.csv`, `RoutingMonitor`, `train.time_limit_minutes`.
+
+    Only the chief (task 0) writes the run directory: `config.yaml`, the
+    vocabulary, `tensorboard/train` (loss, balancing loss and perplexity
+    every `train.monitor_every_n_steps` steps), and after training
+    `model.keras` and `results.json` (with the final validation and test
+    perplexity, computed on a one-device copy). The other workers write only
+    `multi_worker.train`'s temporary checkpoints
+    (`checkpoints/multi_worker/workertemp_<task>`, deleted at once), and
+    wait for the chief's evaluation before they exit.
+    """
+    t = config.train
+    chief = distribution.is_chief(strategy)
+    check_inputs(config)
+    # Every worker learns the same vocabulary; only the chief reads or writes the run.
+    vocab = build_vocabulary(config, run_dir if chief else None)
+    resumed = False
+    if chief:
+        resumed = prepare_run_dir(config, run_dir)
+        if not resumed:
+            save_vocabulary(vocab, run_dir)
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = build_model(config, len(vocab), compile=False)
+        optimizer = make_optimizer(t)
+    if chief:
+        distribution.attach_evaluation_copy(model, t.strategy)
+
+    def make_dataset(data_config):
+        return lm_input.training_dataset(
+            lines_factory(data_config, "train"), vocab, data_config, seed=t.seed
+        )
+
+    results = distribution.train_multi_worker(
+        config, run_dir, strategy, model, optimizer, make_dataset,
+        ("batch_size", "batch_tokens"), resumed,
+    )
+    if chief:
+        results["costs"] = presets.costs(model.get_config())
+        results = _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
+    distribution.barrier(strategy)
     return results
 
 

@@ -15,45 +15,53 @@ run_dir/backup/                  BackupAndRestore state: a killed run resumes he
 run_dir/history.csv              one row per evaluation
 run_dir/model.keras              the final model
 run_dir/translations/            hypotheses of the final evaluation, one file per split
-run_dir/results.json             final scores (BLEU with signature, chrF, perplexity), routing
+run_dir/results.json             final scores (BLEU with signature, chrF, perplexity), routing,
+                                 strategy and replicas
 ```
 
 Running `train` again on the same directory with the same configuration
 resumes from the backup; a different configuration is refused, and nothing
 already in the directory is deleted or overwritten by a refused run.
+
+`train.strategy` and `train.expert_parallel` choose the `tf.distribute`
+strategy as for the language models (see `keras_moe.pipelines.lm_train` and
+`keras_moe.pipelines.distribution`); `multi_worker` trains with
+`keras_moe.multi_worker.train` (see `train_multi_worker`).
 """
 
-import glob
 import json
-import math
 import os
-import re
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import keras_moe
 from keras_moe.models import translation_presets
-from keras_moe.models.decoding import beam_search, greedy_decode
 from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
-from keras_moe.pipelines import parallel_corpora, scoring, translate_input
+from keras_moe.pipelines import distribution, parallel_corpora, scoring, translate_input
 from keras_moe.pipelines.runs import (
-    RoutingStatistics,
     WallClockLimit,
     find_model,
     prepare_run_dir,
 )
 from keras_moe.pipelines.translate_config import TranslateConfig
-from keras_moe.pipelines.wordpiece import WordPieceVocabulary
 
-CONVENTION = (
-    "perplexity per target WordPiece token: exp(total negative log-likelihood / tokens), "
-    "every piece of every reference sentence and its <eos> counted, teacher forcing"
+# Re-exported: the evaluation half of the pipeline lives in translate_eval.
+from keras_moe.pipelines.translate_eval import (  # noqa: F401
+    CONVENTION,
+    KeepLastCheckpoints,
+    ValidationScores,
+    average_checkpoints,
+    averaged_model,
+    evaluate_pairs,
+    score_split,
+    step_checkpoints,
+    translate_ids,
+    translate_lines,
 )
-_STEP_FILE = re.compile(r"step-(\d+)\.weights\.h5$")
+from keras_moe.pipelines.wordpiece import WordPieceVocabulary
 
 
 def check_inputs(config):
@@ -85,9 +93,10 @@ def build_vocabulary(config, run_dir):
     """The run's saved vocabulary, or a new shared one learned from both sides.
 
     A new vocabulary is returned unsaved, so bad training text fails before
-    the run directory is touched.
+    the run directory is touched. `run_dir=None` always learns it (a
+    deterministic function of the training text).
     """
-    if os.path.exists(os.path.join(run_dir, "wordpiece.txt")):
+    if run_dir is not None and os.path.exists(os.path.join(run_dir, "wordpiece.txt")):
         return WordPieceVocabulary.load(run_dir)
     c = config.data
     pairs = translate_input.pairs_factory(c, "train")()
@@ -99,181 +108,39 @@ def build_vocabulary(config, run_dir):
     )
 
 
-def build_model(config, vocab_size):
-    """The preset's `TranslationModel` with the overrides, built and compiled."""
-    t = config.train
-    model = translation_presets.build_translation_model(
-        config.model.preset, vocab_size, seed=t.seed, **config.model.overrides()
-    )
-    # Built now: BackupAndRestore restores weights into a built model only.
-    model((np.full((1, 2), 2, np.int32), np.full((1, 2), 2, np.int32)))
-    optimizer = keras.optimizers.Adam(
+def make_optimizer(train_config):
+    """Adam with App. E's schedule (`WarmupInverseSqrt` with `hold_steps`)."""
+    t = train_config
+    return keras.optimizers.Adam(
         WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay, hold_steps=t.hold_steps),
         beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
     )
+
+
+def build_model(config, vocab_size, compile=True):
+    """The preset's `TranslationModel` with the overrides, built (and compiled).
+
+    Call it inside the strategy's scope.
+    """
+    t = config.train
+    model = translation_presets.build_translation_model(
+        config.model.preset, vocab_size, seed=t.seed, expert_parallel=t.expert_parallel,
+        **config.model.overrides()
+    )
+    # Built now: BackupAndRestore restores weights into a built model only.
+    # (The constructor builds every weight; an expert-parallel model cannot
+    # be called outside the replicas, so it skips this first call.)
+    if not t.expert_parallel:
+        model((np.full((1, 2), 2, np.int32), np.full((1, 2), 2, np.int32)))
+    if not compile:
+        return model
     model.compile(
-        optimizer=optimizer,
+        optimizer=make_optimizer(t),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="mean_with_sample_weight"
         ),
         weighted_metrics=[TokenPerplexity()],
     )
-    return model
-
-
-def translate_ids(model, source_rows, decode_config, batch_size, beam_width=None):
-    """Decode id rows (each ending in `<eos>`); returns the output ids without `<eos>`."""
-    d = decode_config
-    beam = d.beam_width if beam_width is None else beam_width
-    eos = 2
-    outputs = [None] * len(source_rows)
-    for indices, batch in translate_input.length_sorted_batches(source_rows, batch_size):
-        if beam == 1:
-            ids, _ = greedy_decode(model, batch, bos_id=eos, eos_id=eos,
-                                   max_length_ratio=d.max_length_ratio, min_extra=d.min_extra)
-        else:
-            ids, _ = beam_search(model, batch, bos_id=eos, eos_id=eos, beam_width=beam,
-                                 alpha=d.alpha, beta=d.beta,
-                                 max_length_ratio=d.max_length_ratio, min_extra=d.min_extra)
-        for i, row in zip(indices, ids.numpy().tolist(), strict=True):
-            end = row.index(eos) if eos in row else len(row)
-            outputs[i] = [t for t in row[:end] if t != 0]
-    return outputs
-
-
-def translate_lines(model, vocab, lines, decode_config, batch_size=64, beam_width=None):
-    """Translations of raw source lines (detokenized: pieces joined, words spaced).
-
-    Args:
-        model: a `TranslationModel`.
-        vocab: the run's `WordPieceVocabulary`.
-        lines: list of source sentences.
-        decode_config: a `translate_config.DecodeConfig`.
-        batch_size: sentences decoded together (sorted by length first).
-        beam_width: overrides `decode_config.beam_width` (1: greedy).
-
-    Returns:
-        A list of strings, one per line, in order.
-    """
-    lines = list(lines)
-    if not lines:
-        return []
-    rows = vocab.encode_lines(lines)
-    return [vocab.decode(ids) for ids in
-            translate_ids(model, rows, decode_config, batch_size, beam_width)]
-
-
-def evaluate_pairs(model, vocab, pairs, batch_size=64, routing=False):
-    """Perplexity per target piece of `model` on `(source, reference)` pairs.
-
-    With `routing=True` the same forward pass also collects the routing of
-    every MoE layer (inference mode) into `result["routing"]`
-    (`runs.RoutingStatistics`).
-    """
-    with_routing = routing and bool(keras_moe.monitoring.find_moe_layers(model))
-
-    @tf.function(reduce_retracing=True)
-    def step(inputs, targets, weights):
-        if with_routing:
-            logits, extras = model(inputs, training=False, return_routing=True)
-            routings = extras["routing"]
-        else:
-            logits, routings = model(inputs, training=False), {}
-        nll = tf.keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-        return tf.reduce_sum(nll * weights), tf.reduce_sum(weights), routings
-
-    total, count, stats, sentences = 0.0, 0.0, RoutingStatistics(), 0
-    for inputs, targets, weights in translate_input.evaluation_batches(pairs, vocab, batch_size):
-        summed, weight, routings = step(inputs, targets, weights)
-        total += float(summed)
-        count += float(weight)
-        sentences += len(targets)
-        stats.add(routings)
-    loss = total / max(count, 1.0)
-    result = {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": int(count),
-              "sentences": sentences, "convention": CONVENTION}
-    if routing:
-        result["routing"] = stats.result()
-    return result
-
-
-class ValidationScores(keras.callbacks.Callback):
-    """Adds `val_loss`, `val_perplexity`, `val_bleu` and `val_chrf` to the epoch logs.
-
-    BLEU is sacreBLEU on detokenized output of the first `bleu_sentences`
-    validation pairs (all when 0), decoded with `beam_width` (1: greedy).
-    """
-
-    def __init__(self, pairs, vocab, decode_config, batch_size, bleu_sentences, beam_width,
-                 target_language):
-        super().__init__()
-        self.pairs = list(pairs)
-        self.vocab = vocab
-        self.decode_config = decode_config
-        self.batch_size = batch_size
-        self.bleu_pairs = self.pairs[:bleu_sentences] if bleu_sentences else self.pairs
-        self.beam_width = beam_width
-        self.target_language = target_language
-        self.last_signature = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        result = evaluate_pairs(self.model, self.vocab, self.pairs, self.batch_size)
-        logs["val_loss"] = result["loss"]
-        logs["val_perplexity"] = result["perplexity"]
-        hypotheses = translate_lines(
-            self.model, self.vocab, [s for s, _ in self.bleu_pairs], self.decode_config,
-            self.batch_size, self.beam_width,
-        )
-        scores = scoring.score(hypotheses, [[t for _, t in self.bleu_pairs]],
-                               target_language=self.target_language)
-        logs["val_bleu"] = scores["bleu"]
-        logs["val_chrf"] = scores["chrf"]
-        self.last_signature = scores["bleu_signature"]
-
-
-class KeepLastCheckpoints(keras.callbacks.Callback):
-    """Writes `step-N.weights.h5` after every evaluation and keeps the last `keep`."""
-
-    def __init__(self, directory, keep):
-        super().__init__()
-        self.directory = directory
-        self.keep = keep
-
-    def on_epoch_end(self, epoch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        self.model.save_weights(os.path.join(self.directory, f"step-{step:08d}.weights.h5"))
-        for path in step_checkpoints(self.directory)[: -self.keep]:
-            os.remove(path)
-
-
-def step_checkpoints(directory):
-    """The `step-N.weights.h5` files of `directory`, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(directory, "step-*.weights.h5"))
-             if _STEP_FILE.search(p)]
-    return sorted(paths, key=lambda p: int(_STEP_FILE.search(p).group(1)))
-
-
-def average_checkpoints(model, paths):
-    """Set `model`'s weights to the mean of the weights files `paths`.
-
-    Floating-point variables are averaged; others (seed states, counters)
-    keep the last file's values.
-
-    Raises:
-        ValueError: when `paths` is empty.
-    """
-    if not paths:
-        raise ValueError("no checkpoint to average")
-    sums = None
-    for path in paths:
-        model.load_weights(path)
-        values = [np.asarray(v.numpy(), np.float64) for v in model.weights]
-        sums = values if sums is None else [s + v for s, v in zip(sums, values, strict=True)]
-    for variable, total in zip(model.weights, sums, strict=True):
-        if np.issubdtype(np.dtype(variable.dtype), np.floating):
-            variable.assign((total / len(paths)).astype(variable.dtype))
     return model
 
 
@@ -311,32 +178,19 @@ def make_callbacks(config, run_dir, vocab, model, valid_pairs):
     return callbacks
 
 
-def score_split(model, vocab, config, pairs, name, out_dir, beam_width=None, routing=False):
-    """Translate and score `pairs`; write `out_dir/<name>.hyp`; return the scores."""
-    c, d = config.data, config.decode
-    result = evaluate_pairs(model, vocab, pairs, c.eval_batch_size, routing=routing)
-    hypotheses = translate_lines(model, vocab, [s for s, _ in pairs], d, c.eval_batch_size,
-                                 beam_width)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.hyp")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hypotheses))
-    scores = scoring.score(hypotheses, [[t for _, t in pairs]],
-                           target_language=c.target_language)
-    return {**scores, **result, "hypotheses_file": path,
-            "beam_width": d.beam_width if beam_width is None else beam_width}
-
-
-def train(config, run_dir):
+def train(config, run_dir, strategy=None):
     """Train the translation model `config` describes; write the run into `run_dir`.
 
     Args:
         config: a `TranslateConfig`.
         run_dir: the run directory (created; resumed when it holds a backup
             of the same configuration).
+        strategy: optional `tf.distribute.Strategy` of `train.strategy`,
+            already made (`distribution.make_strategy`); None makes it.
 
     Returns:
-        The results dict also written to `run_dir/results.json`.
+        The results dict also written to `run_dir/results.json` (on a
+        non-chief `multi_worker` task: `chief`, `task` and `steps` only).
 
     Raises:
         FileNotFoundError, ValueError: naming the file or key at fault;
@@ -344,16 +198,20 @@ def train(config, run_dir):
     """
     if not isinstance(config, TranslateConfig):
         raise TypeError(f"`config` must be a TranslateConfig. Received: {type(config).__name__}")
+    t = config.train
+    if strategy is None:
+        # First: `multi_worker` and `tpu` must start before any TensorFlow op.
+        strategy = distribution.make_strategy(t.strategy)
+    if t.strategy == "multi_worker":
+        return train_multi_worker(config, run_dir, strategy)
     counts = check_inputs(config)
     vocab = build_vocabulary(config, run_dir)
-    resumed = prepare_run_dir(config, run_dir)
-    if not resumed:
-        vocab.save(run_dir)
-    with open(os.path.join(run_dir, "cleaning.json"), "w", encoding="utf-8") as f:
-        json.dump({**vars(counts), "summary": counts.summary()}, f, indent=2)
-    keras.utils.set_random_seed(config.train.seed)
-    model = build_model(config, len(vocab))
-    t = config.train
+    resumed = _prepare(config, run_dir, vocab, counts)
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = build_model(config, len(vocab))
+    distribution.check_model(model, t.strategy)
+    distribution.attach_evaluation_copy(model, t.strategy)
     dataset = translate_input.training_dataset(
         translate_input.pairs_factory(config.data, "train"), vocab, config.data, seed=t.seed
     )
@@ -371,11 +229,29 @@ def train(config, run_dir):
         "resumed": resumed,
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": round(train_seconds, 1),
+        "strategy": t.strategy,
+        "replicas": int(strategy.num_replicas_in_sync),
         "cleaning": vars(counts),
         "costs": translation_presets.costs(model.get_config()),
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
-    evaluated = _evaluation_model(model, run_dir, config.decode.average_checkpoints)
+    return _finish(config, run_dir, distribution.evaluation_model(model), vocab, valid_pairs,
+                   results)
+
+
+def _prepare(config, run_dir, vocab, counts):
+    """`prepare_run_dir`, then the vocabulary and `cleaning.json`; True when resuming."""
+    resumed = prepare_run_dir(config, run_dir)
+    if not resumed:
+        vocab.save(run_dir)
+    with open(os.path.join(run_dir, "cleaning.json"), "w", encoding="utf-8") as f:
+        json.dump({**vars(counts), "summary": counts.summary()}, f, indent=2)
+    return resumed
+
+
+def _finish(config, run_dir, model, vocab, valid_pairs, results):
+    """Final scores of `model` (or its checkpoint average) into `results`; write them."""
+    evaluated = averaged_model(model, run_dir, config.decode.average_checkpoints)
     # How many step checkpoints the evaluated weights average (0: the final weights).
     results["averaged_checkpoints"] = getattr(evaluated, "averaged_checkpoints", 0)
     out_dir = os.path.join(run_dir, "translations")
@@ -390,18 +266,55 @@ def train(config, run_dir):
     return results
 
 
-def _evaluation_model(model, run_dir, average):
-    """`model`, or a copy holding the average of the last `average` step checkpoints."""
-    if not average or average < 2:
-        return model
-    paths = step_checkpoints(os.path.join(run_dir, "checkpoints"))[-average:]
-    if len(paths) < 2:
-        return model
-    copy = keras.models.clone_model(model)
-    copy((np.full((1, 2), 2, np.int32), np.full((1, 2), 2, np.int32)))
-    average_checkpoints(copy, paths)
-    copy.averaged_checkpoints = len(paths)
-    return copy
+def train_multi_worker(config, run_dir, strategy):
+    """`train` under `MultiWorkerMirroredStrategy`: `keras_moe.multi_worker.train`, not `fit`.
+
+    As `lm_train.train_multi_worker`: every worker reads the seeded training
+    batches built with `data.batch_tokens / replicas` tokens and keeps every
+    n-th batch; the objective is the loop's (weighted token losses over the
+    global batch's positions, padding included, plus the balancing losses);
+    checkpoints go to `run_dir/checkpoints/multi_worker` every
+    `train.steps_per_eval` steps, and a restarted run resumes from them.
+    Not in this path: validation (loss, BLEU) during training,
+    `BackupAndRestore`, the `.keras` and `step-N.weights.h5` checkpoints
+    (so no checkpoint averaging), `history.csv`, `RoutingMonitor`, early
+    stopping and `train.time_limit_minutes`.
+
+    Only the chief (task 0) writes the run directory (`config.yaml`, the
+    vocabulary, `cleaning.json`, `tensorboard/train` with the loss every
+    `train.monitor_every_n_steps` steps, then `model.keras`, the
+    translations and `results.json`, scored on a one-device copy); the
+    other workers write only `multi_worker.train`'s temporary checkpoints
+    and wait for the chief's evaluation before they exit.
+    """
+    t = config.train
+    chief = distribution.is_chief(strategy)
+    counts = check_inputs(config)
+    # Every worker learns the same vocabulary; only the chief reads or writes the run.
+    vocab = build_vocabulary(config, run_dir if chief else None)
+    resumed = _prepare(config, run_dir, vocab, counts) if chief else False
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = build_model(config, len(vocab), compile=False)
+        optimizer = make_optimizer(t)
+    if chief:
+        distribution.attach_evaluation_copy(model, t.strategy)
+    factory = translate_input.pairs_factory(config.data, "train")
+
+    def make_dataset(data_config):
+        return translate_input.training_dataset(factory, vocab, data_config, seed=t.seed)
+
+    results = distribution.train_multi_worker(
+        config, run_dir, strategy, model, optimizer, make_dataset, ("batch_tokens",), resumed
+    )
+    if chief:
+        results["cleaning"] = vars(counts)
+        results["costs"] = translation_presets.costs(model.get_config())
+        valid_pairs = list(translate_input.pairs_factory(config.data, "valid")())
+        results = _finish(config, run_dir, distribution.evaluation_model(model), vocab,
+                          valid_pairs, results)
+    distribution.barrier(strategy)
+    return results
 
 
 def load_run(run_dir, average=None):
@@ -425,7 +338,7 @@ def load_run(run_dir, average=None):
             f"{run_dir}/wordpiece.txt has {len(vocab)}"
         )
     average = config.decode.average_checkpoints if average is None else average
-    return config, vocab, _evaluation_model(model, run_dir, average), model_path
+    return config, vocab, averaged_model(model, run_dir, average), model_path
 
 
 def evaluate(run_dir, source, references, beam_width=None, average=None, out=None):

@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 from tests.conftest import REPO_ROOT
 
@@ -48,3 +51,30 @@ def test_lm_throughput_benchmark_quick_writes_json(tmp_path, capsys):
     # Same per-token compute up to the gating matrices: 2*d*E = 2*16*32 ops.
     assert row["moe"]["ops_per_timestep"] - row["dense"]["ops_per_timestep"] == 2 * 16 * 32
     assert "dense/MoE" in capsys.readouterr().out
+
+
+def test_distributed_benchmark_counts_what_each_replica_sends(tmp_path):
+    out = tmp_path / "distributed.json"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "distributed.py"), "--quick",
+         "--replicas", "2", "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "expert B/replica" in done.stdout
+    result = json.loads(out.read_text())
+    rows = {row["mode"]: row for row in result["rows"]}
+    assert set(rows) == {"data", "expert"} and rows["data"]["replicas"] == 2
+    # --quick: 8 experts of 16 -> 32 -> 16 with biases, gate and noise 16 x 8,
+    # 64 tokens, k = 2, so 32 tokens and 64 pairs per replica.
+    experts, gate = 8 * (16 * 32 + 32 + 32 * 16 + 16), 2 * 16 * 8
+    assert rows["data"]["elements"]["gradient_all_reduce"] == experts + gate
+    assert rows["expert"]["elements"]["gradient_all_reduce"] == gate
+    # Measured by the layer: tokens, 5 values per pair, 2 sizes, and the
+    # partial outputs of the whole batch.
+    assert rows["expert"]["elements"]["dispatch_forward_measured"] == 32 * 16 + 5 * 64 + 2 + 64 * 16
+    assert rows["data"]["elements"]["dispatch_forward_measured"] == 0
+    assert rows["expert"]["expert_weight_bytes_per_replica"] * 2 == (
+        rows["data"]["expert_weight_bytes_per_replica"]
+    ) == 4 * experts

@@ -1,8 +1,10 @@
 """Run by distributed_test.py in a fresh process: MoE on 1 device vs 4 replicas.
 
 The CPU is split into 4 logical devices before TensorFlow starts, which is
-only possible in a new process. Prints one JSON object with the largest
-differences found.
+only possible in a new process. Compares one device with 4 data-parallel
+replicas (every replica holds every expert) and 4 expert-parallel replicas
+(each holds a quarter of the experts). Prints one JSON object with the
+largest differences found.
 """
 
 import json
@@ -23,33 +25,49 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_moe  # noqa: E402
+from keras_moe import expert_parallel as ep  # noqa: E402
 
 D, N = 6, 32  # N tokens in the global batch, N / REPLICAS per replica
 
 
-def make_layer(kind, scope):
-    if kind == "flat":
+def make_layer(kind, scope, expert_parallel=False):
+    """`flat`: MoE(8 experts, k=2); `cap`: the same with capacity_factor 1 (drops
+    pairs); `hier`: HierarchicalMoE(4 groups x 3 experts, 2 x 2)."""
+    if kind in ("flat", "cap"):
         layer = keras_moe.MoE(
             8, 12, k=2, gating="top_k", importance_weight=0.5, load_weight=0.5,
-            balancing_scope=scope, seed=1, name="moe",
+            balancing_scope=scope, seed=1, name="moe", expert_parallel=expert_parallel,
+            capacity_factor=1.0 if kind == "cap" else None,
         )
     else:
         layer = keras_moe.HierarchicalMoE(
             4, 3, 12, k_primary=2, k_secondary=2, gating="top_k", importance_weight=0.5,
             load_weight=0.5, balancing_scope=scope, seed=1, name="moe",
+            expert_parallel=expert_parallel,
         )
     layer.build((None, D))
     rng = np.random.RandomState(7)
     for variable in layer.weights:
         if "seed_generator" in variable.path:
             continue
-        variable.assign(rng.normal(0.0, 0.5, variable.shape).astype("float32"))
+        if ep.is_sharded(variable):
+            # The values one device holds, each replica given its share.
+            shape = (variable.shape[0] * REPLICAS, *variable.shape[1:])
+            ep.assign_shards(variable, rng.normal(0.0, 0.5, shape).astype("float32"))
+        else:
+            variable.assign(rng.normal(0.0, 0.5, variable.shape).astype("float32"))
     return layer
+
+
+def values(variables):
+    """Every variable's value as one device would hold it (all experts)."""
+    return [ep.full_value(v) if ep.is_sharded(v) else v.numpy() for v in variables]
 
 
 def single_device(kind, x, r):
     """Output, balancing loss and gradients of one call on the global batch."""
     layer = make_layer(kind, "global")
+    assert layer.experts.w_in.shape[0] == layer.num_experts
     with tf.GradientTape() as tape:
         y, routing = layer(x, training=True, return_routing=True)
         loss = tf.reduce_sum(y * r) / N + routing.aux_loss
@@ -65,10 +83,12 @@ def _arrays(grads, variables):
     ]
 
 
-def replicated(strategy, kind, scope, x, r):
+def replicated(strategy, kind, scope, x, r, expert_parallel=False):
     """The same on 4 replicas with a custom `strategy.run` step."""
     with strategy.scope():
-        layer = make_layer(kind, scope)
+        layer = make_layer(kind, scope, expert_parallel)
+    sharded = [ep.is_sharded(v) for v in layer.trainable_variables]
+    assert any(sharded) == expert_parallel
     shard = N // REPLICAS
 
     def piece(array):
@@ -91,29 +111,125 @@ def replicated(strategy, kind, scope, x, r):
             ]
             return y_r, routing.aux_loss, grads
 
-        y, aux, grads = strategy.run(replica_fn, args=(xs, rs))
-        return y, aux, [strategy.reduce("SUM", g, axis=None) for g in grads]
+        return strategy.run(replica_fn, args=(xs, rs))
 
     y, aux, grads = step(piece(x), piece(r))
     y = np.concatenate([t.numpy() for t in strategy.experimental_local_results(y)])
     auxes = [float(a) for a in strategy.experimental_local_results(aux)]
-    return y, auxes, [g.numpy() for g in grads]
+    # Data-parallel gradients are summed over the replicas; an expert shard's
+    # gradient already holds every replica's tokens and belongs to its own
+    # experts, so the shards are concatenated in replica order instead.
+    total = []
+    for g, own in zip(grads, sharded, strict=True):
+        parts = [t.numpy() for t in strategy.experimental_local_results(g)]
+        total.append(np.concatenate(parts) if own else np.sum(parts, axis=0))
+    return y, auxes, total
 
 
-def fit_weights(strategy, kind, scope, x, t):
-    """Weights after 3 SGD steps of `fit` (global batch N) under `strategy`."""
+def make_model(strategy, kind, scope, expert_parallel=False, optimizer="sgd"):
     keras.utils.set_random_seed(3)
     with strategy.scope():
         inputs = keras.Input((D,))
-        moe = make_layer(kind, scope)
+        moe = make_layer(kind, scope, expert_parallel)
         model = keras.Model(inputs, keras.layers.Dense(1, name="head")(moe(inputs)))
         rng = np.random.RandomState(11)
         head = model.get_layer("head")
         head.kernel.assign(rng.normal(0.0, 0.5, head.kernel.shape).astype("float32"))
-        model.compile(keras.optimizers.SGD(0.5), "mse")
-    initial = [v.numpy() for v in model.trainable_weights]
+        if optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(0.5)
+        else:
+            optimizer = keras.optimizers.Adam(0.05)
+        model.compile(optimizer, "mse")
+    return model
+
+
+def fit_weights(strategy, kind, scope, x, t, expert_parallel=False, optimizer="sgd"):
+    """Weights after 3 steps of `fit` (global batch N) under `strategy`."""
+    model = make_model(strategy, kind, scope, expert_parallel, optimizer)
+    initial = values(model.trainable_weights)
     model.fit(x, t, batch_size=N, epochs=1, shuffle=False, verbose=0)
-    return initial, [v.numpy() for v in model.trainable_weights]
+    return initial, values(model.trainable_weights)
+
+
+def largest(a, b):
+    return float(max(np.max(np.abs(u - v)) for u, v in zip(a, b, strict=True)))
+
+
+def expert_parallel_checks(mirrored, one_device, x, t, r, report):
+    """1 device vs 4 expert-parallel replicas; memory, saving, bad configurations."""
+    for kind in ("flat", "cap", "hier"):
+        y1, aux1, g1 = single_device(kind, x[:N], r)
+        y4, aux4, g4 = replicated(mirrored, kind, "global", x[:N], r, expert_parallel=True)
+        report[f"ep_{kind}_step"] = {
+            "output": float(np.max(np.abs(y4 - y1))),
+            "aux": float(max(abs(a - aux1) for a in aux4)),
+            "grad": largest(g4, g1),
+            "grad_scale": float(max(np.max(np.abs(b)) for b in g1)),
+        }
+    for kind, optimizer in (("flat", "sgd"), ("flat", "adam"), ("cap", "sgd")):
+        initial, reference = fit_weights(one_device, kind, "global", x, t, optimizer=optimizer)
+        _, weights = fit_weights(mirrored, kind, "global", x, t, True, optimizer)
+        report[f"ep_{kind}_{optimizer}_fit"] = {
+            "difference": largest(weights, reference), "moved": largest(reference, initial),
+        }
+
+    # Memory: bytes of expert weights each replica's device holds.
+    per_device = {}
+    for mode in (False, True):
+        with mirrored.scope():
+            layer = make_layer("flat", "global", mode)
+        sizes = [0] * REPLICAS
+        for variable in layer.experts.weights:
+            for i, component in enumerate(ep.components(variable)):
+                sizes[i] += component.numpy().nbytes
+        per_device["expert_parallel" if mode else "data_parallel"] = sizes
+    report["ep_memory_bytes"] = per_device
+
+    # A model trained expert parallel saves all experts and all of Adam's
+    # moments; it reloads on one device, equal to one device's training.
+    single = make_model(one_device, "flat", "global", False, "adam")
+    single.fit(x, t, batch_size=N, epochs=1, shuffle=False, verbose=0)
+    model = make_model(mirrored, "flat", "global", True, "adam")
+    model.fit(x, t, batch_size=N, epochs=1, shuffle=False, verbose=0)
+    predicted = model.predict(x, batch_size=N, verbose=0)
+    path = os.path.join(os.environ.get("EP_SCRIPT_TMP", "."), "ep.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    report["ep_reload"] = {
+        "optimizer_variables": largest(
+            [v.numpy() for v in reloaded.optimizer.variables],
+            [v.numpy() for v in single.optimizer.variables],
+        ),
+        "optimizer_scale": float(max(np.max(np.abs(v.numpy())) for v in single.optimizer.variables[1:])),
+        "w_in_shape": list(reloaded.get_layer("moe").experts.w_in.shape),
+        "prediction": float(np.max(np.abs(reloaded.predict(x, verbose=0) - predicted))),
+        "weights": largest(values(model.trainable_weights), values(reloaded.trainable_weights)),
+    }
+    # ...and loads back into 4 replicas, each taking its share.
+    again = make_model(mirrored, "flat", "global", True, "adam")
+    with mirrored.scope():
+        again.optimizer.build(again.trainable_variables)
+    again.load_weights(path)
+    report["ep_reload"]["into_replicas"] = largest(
+        values(again.trainable_weights), values(model.trainable_weights)
+    )
+    report["ep_reload"]["optimizer_into_replicas"] = largest(
+        values(again.optimizer.variables), values(model.optimizer.variables)
+    )
+
+    errors = {}
+    with mirrored.scope():
+        try:
+            keras_moe.MoE(6, 4, k=2, expert_parallel=True).build((None, D))
+        except ValueError as error:
+            errors["not_divisible"] = str(error)
+        layer = keras_moe.MoE(8, 4, k=2, expert_parallel=True, name="moe_x")
+        layer.build((None, D))
+    try:
+        layer(tf.constant(x[:4]))
+    except ValueError as error:
+        errors["cross_replica_call"] = str(error)
+    report["ep_errors"] = errors
 
 
 def main():
@@ -147,6 +263,7 @@ def main():
             )
         report[f"{kind}_moved"] = moved
         report[f"{kind}_replicas"] = int(mirrored.num_replicas_in_sync)
+    expert_parallel_checks(mirrored, one_device, x, t, r, report)
     print("RESULT " + json.dumps(report))
     return 0
 

@@ -210,6 +210,7 @@ def test_unknown_or_incomplete_corpus_parts_are_refused():
         load_config(TranslateConfig, None, ["data.train=[{tsv: a.tsv, tfds: wmt14}]"])
 
 
+@pytest.mark.slow  # 66 s; resuming is also tested in make test by lm_train_test
 def test_rerun_resumes_and_different_config_is_refused(tmp_path, corpus):
     run_dir = tmp_path / "run"
     first = translate_train.train(tiny_config(corpus, "train.time_limit_minutes=0.0001"),
