@@ -37,8 +37,8 @@ ONE_BILLION_WORD_TOKENS = 829_250_940
 ONE_BILLION_WORD_VOCAB = 793_471
 
 # The machines the configurations assume. Every replica of MirroredStrategy
-# holds every weight (keras_moe has no expert parallelism yet), so the
-# largest models need the largest memory.
+# holds every weight, except in the configurations that set
+# `train.expert_parallel` (each replica then holds 1/replicas of the experts).
 GPU_80GB = {"gpus": 8, "gpu_memory_gb": 80, "gpu": "A100 or H100 80GB"}
 GPU_141GB = {"gpus": 8, "gpu_memory_gb": 141, "gpu": "H200"}
 MIRRORED = "tf.distribute.MirroredStrategy"
@@ -168,8 +168,9 @@ _MOE_2048_NOTE = (
     "decoder LSTM (both off in this configuration). Hierarchical noisy top-k gating "
     "stands in for App. F's strictly balanced gating (keras_moe.HierarchicalMoE has no "
     "batchwise gating). 8.7B float32 parameters with Adam take 139 GB per replica under "
-    "MirroredStrategy: this does not fit one GPU; it needs expert parallelism, which "
-    "keras_moe does not have yet (docs/distributed.md)."
+    "data-parallel MirroredStrategy, which does not fit one GPU; the configuration is "
+    "expert parallel (train.expert_parallel: each of 8 GPUs holds 256 experts), see "
+    "docs/distributed.md."
 )
 
 

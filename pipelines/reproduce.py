@@ -202,10 +202,34 @@ def activation_floats_per_token(experiment, a, vocab_size):
     return source + target
 
 
-def memory_plan(experiment, arguments, costs, batch, vocab_size):
-    """Memory per device under MirroredStrategy (every replica holds every weight), in GB."""
+def expert_parameters(experiment, arguments):
+    """Parameters of all experts of all MoE blocks: what expert parallelism splits."""
+    a = arguments
+    if _experts_per_position(a) is None:
+        return 0
+    d, h = a["model_dim"], a["expert_hidden_dim"]
+    extra = a.get("expert_hidden_layers", 1) - 1
+    per_expert = d * h + h + h * d + d + extra * (h * h + h)
+    if experiment.task == "lm":
+        blocks = sum(1 for block in a["blocks"] if block == "moe")
+    else:
+        blocks = 2  # one MoE layer in the encoder, one in the decoder (App. E)
+    return blocks * a["num_experts"] * per_expert
+
+
+def memory_plan(experiment, arguments, costs, batch, vocab_size, expert_parallel=False):
+    """Memory per device under MirroredStrategy, in GB.
+
+    Every replica holds every weight, except with `expert_parallel`: then
+    each of the `batch["devices"]` replicas holds `1 / devices` of the
+    experts (and of their gradients and Adam slots).
+    """
     gb = 1e9
-    weights = costs["total_params"] * BYTES / gb
+    params = costs["total_params"]
+    if expert_parallel:
+        experts = expert_parameters(experiment, arguments)
+        params = params - experts + experts / batch["devices"]
+    weights = params * BYTES / gb
     activations = (activation_floats_per_token(experiment, arguments, vocab_size) * BYTES
                    * batch["tokens_per_device"] / gb)
     total = 4 * weights + activations
@@ -214,8 +238,12 @@ def memory_plan(experiment, arguments, costs, batch, vocab_size):
         "weights_gb": weights, "gradients_gb": weights, "adam_slots_gb": 2 * weights,
         "activations_gb": activations, "total_gb": total, "device_gb": device,
         "fits": total <= 0.9 * device,
+        "expert_parallel": bool(expert_parallel),
         "assumptions": (
-            "float32; every replica holds every weight, its gradient and Adam's two slots "
+            ("float32; every replica holds every non-expert weight and 1/devices of the "
+             "experts (expert parallel), " if expert_parallel else
+             "float32; every replica holds every weight, ") +
+            "its gradient and Adam's two slots "
             "(16 bytes per parameter, embedding and softmax included); activations kept for "
             "the backward pass as counted by activation_floats_per_token (rough, within a "
             "factor of 2); fits if the total is under 90% of the device"
@@ -299,7 +327,9 @@ def plan(name, gpus=None, overrides=(), measure=True, steps=3):
     result = {
         "experiment": name, "config": experiment.config_path, "overrides": list(overrides),
         "costs": costs, "checks": checks, "agrees": all(c["ok"] for c in checks),
-        "batch": batch, "memory": memory_plan(experiment, arguments, costs, batch, vocab),
+        "batch": batch,
+        "memory": memory_plan(experiment, arguments, costs, batch, vocab,
+                              expert_parallel=t.expert_parallel),
         "steps": train_steps, "epochs": None, "estimate": None,
     }
     if experiment.task == "lm" and config.data.format in ("1b", "tfds"):
@@ -450,10 +480,18 @@ def run(name, run_dir, overrides=(), ledger=None):
         from keras_moe.pipelines.lm_train import train
     else:
         from keras_moe.pipelines.translate_train import train
-    strategy, scope = distribution(experiment)
+    if config.train.strategy == "default":
+        strategy, scope = distribution(experiment)
+    else:
+        # The configuration names its own strategy (e.g. mirrored with expert
+        # parallelism); `train` runs inside it, so no outer scope.
+        from keras_moe.pipelines import distribution as distribution_lib
+
+        strategy = distribution_lib.make_strategy(config.train.strategy)
+        scope = contextlib.nullcontext()
     start = time.time()
     with scope:
-        results = train(config, run_dir)
+        results = train(config, run_dir, strategy)
     wall = time.time() - start
     entry = ledger_lib.make_entry(
         experiment, config, results, wall, run_dir, overrides,
