@@ -76,20 +76,26 @@ def experts_w_in(model, layer):
     return tuple(model.get_layer(layer).experts.w_in.shape)
 
 
-def test_lm_mirrored_expert_parallel_end_to_end(tmp_path, lm_data, cli_in_process, capsys):
+@pytest.mark.parametrize("expert_parallel", [True, False], ids=["expert", "data"])
+def test_lm_mirrored_expert_parallel_end_to_end(
+    tmp_path, lm_data, cli_in_process, capsys, expert_parallel
+):
     data_sets, valid = lm_data
     run_dir = tmp_path / "run"
-    done = run_cli("lm", "train", "--strategy", "mirrored", "--expert-parallel",
+    flags = ["--expert-parallel"] if expert_parallel else []
+    done = run_cli("lm", "train", "--strategy", "mirrored", *flags,
                    "--cpu-devices", "2", *data_sets, "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert (results["strategy"], results["replicas"], results["steps"]) == ("mirrored", 2, 2)
-    # Validation ran on the one-device copy after each of the 2 evaluations.
+    # Validation ran (on the one-device copy, if expert parallel) after each
+    # of the 2 evaluations.
     assert len(results["history"]["val_perplexity"]) == 2
-    assert "expert_parallel: true" in (run_dir / "config.yaml").read_text()
+    flag = "true" if expert_parallel else "false"
+    assert f"expert_parallel: {flag}" in (run_dir / "config.yaml").read_text()
     # Outside any strategy the saved model is one-device, with all 4 experts.
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
-    assert model.get_config()["expert_parallel"] is True
+    assert model.get_config()["expert_parallel"] is expert_parallel
     assert experts_w_in(model, "moe") == (4, 16, 8)
     capsys.readouterr()
     assert cli_in_process(["lm", "evaluate", "--run-dir", str(run_dir), "--data", valid]) == 0
