@@ -483,8 +483,7 @@ def run(name, run_dir, overrides=(), ledger=None):
     if config.train.strategy == "default":
         strategy, scope = distribution(experiment)
     else:
-        # The configuration names its own strategy (e.g. mirrored with expert
-        # parallelism); `train` runs inside it, so no outer scope.
+        # The configuration's own strategy (e.g. expert parallel); no outer scope.
         from keras_moe.pipelines import distribution as distribution_lib
 
         strategy = distribution_lib.make_strategy(config.train.strategy)
