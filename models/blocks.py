@@ -8,6 +8,27 @@ import keras
 
 import keras_moe
 
+MOE_ACTIVATIONS = ("sigmoid", "linear")
+
+
+def check_moe_activation(moe_activation):
+    """ValueError unless `moe_activation` is `"sigmoid"` (the paper's) or `"linear"`.
+
+    Example:
+
+    >>> check_moe_activation("sigmoid")
+    """
+    if moe_activation not in MOE_ACTIVATIONS:
+        raise ValueError(
+            f"`moe_activation` must be one of {', '.join(map(repr, MOE_ACTIVATIONS))}. "
+            f"Received: moe_activation={moe_activation!r}"
+        )
+
+
+def moe_output(y, moe_activation):
+    """An MoE block's output before its dropout: the paper's sigmoid, or `y` itself."""
+    return keras.activations.sigmoid(y) if moe_activation == "sigmoid" else y
+
 
 def check_groups(num_experts, num_groups):
     """ValueError unless `num_groups` (0: flat) divides `num_experts`.

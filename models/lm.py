@@ -3,7 +3,13 @@
 import keras
 import tensorflow as tf
 
-from keras_moe.models.blocks import check_groups, feed_forward_block, moe_block
+from keras_moe.models.blocks import (
+    check_groups,
+    check_moe_activation,
+    feed_forward_block,
+    moe_block,
+    moe_output,
+)
 from keras_moe.models.lstmp import ProjectedLSTM
 from keras_moe.models.softmax import SoftmaxOutput
 from keras_moe.validation import check_int
@@ -53,6 +59,9 @@ class LanguageModel(keras.Model):
         ffn_hidden_dim: hidden width of `"ffn"` blocks (default
             `k * expert_hidden_dim`).
         dropout: float in [0, 1), after every block and the embedding.
+        moe_activation: `"sigmoid"` (the paper's: an MoE block's output
+            passes through a sigmoid before its dropout) or `"linear"` (no
+            activation, as the `"ffn"` block; an ablation of that choice).
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).
@@ -107,6 +116,7 @@ class LanguageModel(keras.Model):
         expert_parallel=False,
         seed=None,
         name="language_model",
+        moe_activation="sigmoid",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -125,6 +135,7 @@ class LanguageModel(keras.Model):
             )
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        check_moe_activation(moe_activation)
         units = lstm_units or model_dim
         if lstm_projection is None and units != model_dim:
             raise ValueError(
@@ -158,6 +169,7 @@ class LanguageModel(keras.Model):
         self.capacity_factor = capacity_factor
         self.ffn_hidden_dim = ffn_hidden_dim
         self.dropout = float(dropout)
+        self.moe_activation = moe_activation
         self.num_sampled = num_sampled
         self.unroll = bool(unroll)
         if not isinstance(expert_parallel, bool):
@@ -232,7 +244,7 @@ class LanguageModel(keras.Model):
             else:
                 y = layer(x, training=training, mask=mask)
             if block == "moe":
-                y = keras.activations.sigmoid(y)
+                y = moe_output(y, self.moe_activation)
             x = dropout(y, training=training) + x
         out = x if return_hidden else self.softmax(x)
         return (out, routings) if return_routing else out
@@ -287,6 +299,7 @@ class LanguageModel(keras.Model):
             "capacity_factor": self.capacity_factor,
             "ffn_hidden_dim": self.ffn_hidden_dim,
             "dropout": self.dropout,
+            "moe_activation": self.moe_activation,
             "num_sampled": self.num_sampled,
             "unroll": self.unroll,
             "expert_parallel": self.expert_parallel,

@@ -44,6 +44,9 @@ PRESETS = {
     # Same per-token multiply-adds as cpu-moe-32 up to its gating matrices:
     # one ReLU layer of k * expert hidden = 4 * 256 units.
     "cpu-dense": dict(_CPU, blocks=("lstm", "ffn", "lstm"), ffn_hidden_dim=1024, k=4),
+    # The paper's MoE-1-Wide at laptop size: the same per-token compute as
+    # one expert of 4 * 256 units, behind the same gate and sigmoid as the MoE.
+    "cpu-moe-1-wide": dict(_CPU, num_experts=1, expert_hidden_dim=1024, k=1),
     "cpu-moe-32-h": dict(_CPU, num_experts=32, num_groups=4, k=2),
     "cpu-4xlstm": dict(_CPU, blocks=("lstm",) * 4),
 }

@@ -4,7 +4,13 @@ import keras
 import tensorflow as tf
 
 from keras_moe.models.attention import ATTENTION_TYPES, make_attention
-from keras_moe.models.blocks import check_groups, feed_forward_block, moe_block
+from keras_moe.models.blocks import (
+    check_groups,
+    check_moe_activation,
+    feed_forward_block,
+    moe_block,
+    moe_output,
+)
 from keras_moe.models.lstmp import ProjectedLSTM, ProjectedLSTMCell
 from keras_moe.models.softmax import SoftmaxOutput
 from keras_moe.validation import check_int
@@ -80,6 +86,9 @@ class TranslationModel(keras.Model):
             decoder LSTM too (GNMT).
         dropout: float in [0, 1), on the embedding and every block output
             (the paper's 0.4).
+        moe_activation: `"sigmoid"` (the paper's, on each MoE output before
+            its dropout) or `"linear"` (none, as the `"ffn"` block; an
+            ablation).
         expert_parallel: bool; the MoE layers' `expert_parallel` (see
             `keras_moe.MoE`): under a `MirroredStrategy` of `R` replicas
             each replica holds `num_experts / R` experts, and the model runs
@@ -134,6 +143,7 @@ class TranslationModel(keras.Model):
         expert_parallel=False,
         seed=None,
         name="translation_model",
+        moe_activation="sigmoid",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -181,6 +191,7 @@ class TranslationModel(keras.Model):
             )
         if middle_block == "moe":
             check_groups(num_experts, num_groups)
+        check_moe_activation(moe_activation)
         self.vocab_size = vocab_size
         self.model_dim = model_dim
         self.lstm_units = lstm_units
@@ -200,6 +211,7 @@ class TranslationModel(keras.Model):
         self.attention_units = attention_units
         self.upper_context = upper_context
         self.dropout = float(dropout)
+        self.moe_activation = moe_activation
         self.expert_parallel = expert_parallel
         self.seed = seed
 
@@ -318,7 +330,7 @@ class TranslationModel(keras.Model):
             y = layer(x, training=training, mask=mask)
         else:
             y, routings[layer.name] = layer(x, training=training, mask=mask, return_routing=True)
-        return self._residual(keras.activations.sigmoid(y), x, training)
+        return self._residual(moe_output(y, self.moe_activation), x, training)
 
     # ----- decoder -------------------------------------------------------
 
@@ -434,6 +446,7 @@ class TranslationModel(keras.Model):
             "attention_units": self.attention_units,
             "upper_context": self.upper_context,
             "dropout": self.dropout,
+            "moe_activation": self.moe_activation,
             "expert_parallel": self.expert_parallel,
             "seed": self.seed,
             "name": self.name,

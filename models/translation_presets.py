@@ -58,6 +58,9 @@ PRESETS = {
     # Same per-token multiply-adds as cpu-gnmt-moe-16 up to its gating
     # matrices: one ReLU layer of k * expert hidden = 4 * 256 units.
     "cpu-gnmt-dense": dict(_CPU, middle_block="ffn", ffn_hidden_dim=1024, k=4),
+    # The paper's MoE-1-Wide shape at laptop size: one expert of 4 * 256
+    # units behind the MoE's gate and sigmoid (same compute as the dense twin).
+    "cpu-gnmt-moe-1-wide": dict(_CPU, num_experts=1, expert_hidden_dim=1024, k=1),
 }
 
 

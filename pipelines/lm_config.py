@@ -122,6 +122,7 @@ class ModelConfig(PresetOverrides):
     capacity_factor: float | None = None
     ffn_hidden_dim: int | None = None
     dropout: float | None = None
+    moe_activation: str | None = None
     num_sampled: int | None = None
     unroll: bool | None = None
 

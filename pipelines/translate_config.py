@@ -149,6 +149,7 @@ class ModelConfig(PresetOverrides):
     attention_units: int | None = None
     upper_context: bool | None = None
     dropout: float | None = None
+    moe_activation: str | None = None
 
 
 @dataclasses.dataclass

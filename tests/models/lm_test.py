@@ -6,7 +6,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import keras_moe
-from keras_moe.models.lm import moe_lstm_language_model
+from keras_moe.models.lm import LanguageModel, moe_lstm_language_model
 
 V, D, E, H, K = 30, 8, 4, 6, 2
 
@@ -154,3 +154,29 @@ def test_invalid_dropout_is_named(dropout):
 def test_invalid_moe_arguments_are_named():
     with pytest.raises(ValueError, match="`k`"):
         moe_lstm_language_model(V, model_dim=D, num_experts=2, expert_hidden_dim=H, k=3)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "linear"])
+def test_hidden_state_is_the_residual_stack_by_hand(activation):
+    # App. C.1 without dropout: x1 = e + lstm_1(e); x2 = x1 + sigmoid(moe(x1))
+    # (or x1 + moe(x1) for the "linear" ablation); x3 = x2 + lstm_2(x2).
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
+                          moe_activation=activation)
+    randomize_gating(model)
+    mask = TOKENS != 0
+    x = model.get_layer("embedding")(TOKENS)
+    x = x + model.get_layer("lstm_1")(x, mask=mask)
+    y = np.asarray(model.get_layer("moe")(x, mask=mask))
+    x = x + (1.0 / (1.0 + np.exp(-y)) if activation == "sigmoid" else y)
+    x = x + model.get_layer("lstm_2")(x, mask=mask)
+    hidden = model(TOKENS, training=False, return_hidden=True)
+    assert_allclose(np.asarray(hidden), np.asarray(x), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_activation_round_trips_and_bad_values_are_named():
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
+                          moe_activation="linear")
+    assert LanguageModel.from_config(model.get_config()).moe_activation == "linear"
+    with pytest.raises(ValueError, match="moe_activation.*'relu'"):
+        LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
+                      moe_activation="relu")

@@ -68,6 +68,14 @@ def test_cpu_dense_is_compute_matched_up_to_the_gating():
     assert moe["ops_per_timestep"] - dense["ops_per_timestep"] == 2 * 256 * 32
 
 
+def test_cpu_moe_1_wide_is_the_dense_block_behind_a_one_expert_gate():
+    # MoE-1-Wide (Table 7) at laptop size: the dense block's multiply-adds and
+    # parameters plus a 256 x 1 gate and noise matrix and the expert's biases.
+    wide, dense = presets.costs("cpu-moe-1-wide"), presets.costs("cpu-dense")
+    assert wide["ops_per_timestep"] - dense["ops_per_timestep"] == 2 * 256 * 1
+    assert wide["params"] - dense["params"] == 2 * 256 * 1
+
+
 def _real_params(model):
     # LanguageModel builds every weight at construction; no call is needed.
     assert model.built

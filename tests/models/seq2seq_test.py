@@ -119,18 +119,20 @@ def test_attention_sums_to_one_over_real_source_positions_and_is_zero_on_padding
     assert_allclose(first, [[0.2] * 5, [1 / 3] * 3 + [0, 0]], atol=1e-7)
 
 
-def test_forward_pass_follows_the_paper_wiring():
+@pytest.mark.parametrize("activation", ["sigmoid", "linear"])
+def test_forward_pass_follows_the_paper_wiring(activation):
     # The architecture restated with the model's own layers (inference, so
     # no dropout): residuals around every LSTM and MoE, a sigmoid on the MoE
-    # output, the bottom decoder LSTM reading [embedding; context] with the
-    # context queried by its previous output, and the upper LSTM reading
-    # [x; context].
-    model = tiny()
+    # output (none for the "linear" ablation), the bottom decoder LSTM
+    # reading [embedding; context] with the context queried by its previous
+    # output, and the upper LSTM reading [x; context].
+    model = tiny(moe_activation=activation)
+    act = tf.sigmoid if activation == "sigmoid" else tf.identity
     source_mask, target_mask = SOURCE != 0, TARGET != 0
     x = model.embedding(SOURCE)
     x = x + model.get_layer("encoder_lstm_1")(x, mask=source_mask)
     x = x + model.get_layer("encoder_lstm_2")(x, mask=source_mask)
-    x = x + tf.sigmoid(model.get_layer("encoder_moe")(x, mask=source_mask))
+    x = x + act(model.get_layer("encoder_moe")(x, mask=source_mask))
     memory = x + model.get_layer("encoder_lstm_3")(x, mask=source_mask)
     cell = model.get_layer("decoder_lstm_1")
     states = [tf.zeros([2, D]), tf.zeros([2, 12])]  # r (projection D), c (12 cells)
@@ -142,7 +144,7 @@ def test_forward_pass_follows_the_paper_wiring():
         outputs.append(out)
         contexts.append(context)
     x = embedded + tf.stack(outputs, 1)
-    x = x + tf.sigmoid(model.get_layer("decoder_moe")(x, mask=target_mask))
+    x = x + act(model.get_layer("decoder_moe")(x, mask=target_mask))
     upper_in = tf.concat([x, tf.stack(contexts, 1)], -1)
     x = x + model.get_layer("decoder_lstm_2")(upper_in, mask=target_mask)
     expected = np.asarray(model.softmax(x))
@@ -224,12 +226,13 @@ def test_save_and_reload_keras_file(tmp_path):
 
 
 def test_config_round_trip():
-    model = tiny("hierarchical", dropout=0.25, capacity_factor=2.0)
+    model = tiny("hierarchical", dropout=0.25, capacity_factor=2.0, moe_activation="linear")
     config = model.get_config()
     clone = TranslationModel.from_config(config)
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
-    assert (clone.num_groups, clone.dropout, clone.capacity_factor) == (2, 0.25, 2.0)
+    assert (clone.num_groups, clone.dropout, clone.capacity_factor, clone.moe_activation) == (
+        2, 0.25, 2.0, "linear")
     clone.set_weights(model.get_weights())
     assert_allclose(np.asarray(clone((SOURCE, TARGET))), np.asarray(model((SOURCE, TARGET))),
                     atol=1e-6)
@@ -265,6 +268,7 @@ def test_decoding_a_model_uses_the_step_api():
         (dict(upper_context=1), "Received: upper_context=1"),
         (dict(bidirectional_encoder="yes"), "Received: bidirectional_encoder='yes'"),
         (dict(dropout=1.0), "Received: dropout=1.0"),
+        (dict(moe_activation="relu"), "Received: moe_activation='relu'"),
         (dict(num_experts=6, num_groups=4), "num_experts=6, num_groups=4"),
         (dict(num_experts=4, k=5), "Received: k=5"),
         (dict(middle_block="ffn", k=0), "Received: k=0"),

@@ -107,10 +107,18 @@ def test_cpu_dense_is_compute_matched_up_to_the_gating():
     assert moe["ops_per_timestep"] - dense["ops_per_timestep"] == 2 * 2 * 256 * 16
 
 
+def test_cpu_moe_1_wide_is_the_dense_twin_behind_a_one_expert_gate():
+    wide, dense = presets.costs("cpu-gnmt-moe-1-wide"), presets.costs("cpu-gnmt-dense")
+    # Two middle blocks, each with w_gate and w_noise [256, 1].
+    assert wide["ops_per_timestep"] - dense["ops_per_timestep"] == 2 * 2 * 256 * 1
+    model = presets.build_translation_model("cpu-gnmt-moe-1-wide", VOCAB)
+    assert model.get_layer("encoder_moe").num_experts == 1
+
+
 def test_preset_names_unknown_and_overrides():
     assert presets.preset_names() == sorted(presets.PRESETS)
     assert {"gnmt-moe-32", "gnmt-moe-512-h", "gnmt-moe-2048-h", "gnmt-baseline",
-            "cpu-gnmt-moe-16", "cpu-gnmt-dense"} == set(presets.PRESETS)
+            "cpu-gnmt-moe-16", "cpu-gnmt-dense", "cpu-gnmt-moe-1-wide"} == set(presets.PRESETS)
     with pytest.raises(ValueError, match=r"Unknown preset 'gnmt-7'\. Known presets: cpu-gnmt"):
         presets.get_preset("gnmt-7")
     with pytest.raises(ValueError, match="gnmt-7"):
