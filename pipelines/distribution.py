@@ -235,22 +235,30 @@ class LossLogger:
         self.writer.flush()
 
 
-def train_multi_worker(config, run_dir, strategy, model, optimizer, make_dataset, batch_keys,
-                       resumed):
+def train_multi_worker(config, run_dir, strategy, build, make_dataset, batch_keys, resumed):
     """The training part of a pipeline's `multi_worker` run, shared by both pipelines.
 
-    Trains with `keras_moe.multi_worker.train` on `multi_worker_dataset`
+    Seeds every worker alike (`train.seed`) and calls `build()` under the
+    strategy's scope for the pipeline's model and optimizer; on the chief
+    the model gets its one-device evaluation copy (`attach_evaluation_copy`).
+    Then trains with `keras_moe.multi_worker.train` on `multi_worker_dataset`
     batches, checkpointing every `train.steps_per_eval` steps into
     `checkpoint_dir(run_dir)` and logging to TensorBoard from the chief;
     then the chief saves `model.keras`.
 
     Returns:
-        On the chief, the run's results so far (`preset`, `resumed`,
-        `steps`, `start_step`, `train_seconds`, `strategy`, `replicas`,
-        `history`); on the other workers `{"chief": False, "task", "steps"}`.
+        `(model, results)`: the trained model and, on the chief, the run's
+        results so far (`preset`, `resumed`, `steps`, `start_step`,
+        `train_seconds`, `strategy`, `replicas`, `history`); on the other
+        workers `{"chief": False, "task", "steps"}`.
     """
     t = config.train
     chief = is_chief(strategy)
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model, optimizer = build()
+    if chief:
+        attach_evaluation_copy(model, t.strategy)
 
     def dataset_fn(context):
         return multi_worker_dataset(make_dataset, config.data, context, batch_keys)
@@ -267,10 +275,10 @@ def train_multi_worker(config, run_dir, strategy, model, optimizer, make_dataset
     steps = int(optimizer.iterations.numpy())
     if not chief:
         # What a non-chief worker returns (it writes no results.json).
-        return {"chief": False, "task": task_id(strategy), "steps": steps}
+        return model, {"chief": False, "task": task_id(strategy), "steps": steps}
     model.save(os.path.join(run_dir, "model.keras"))
     start_step = history.pop("start_step")
-    return {
+    return model, {
         "preset": config.model.preset,
         "resumed": resumed or start_step > 0,
         "steps": steps,

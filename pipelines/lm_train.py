@@ -354,21 +354,16 @@ def train_multi_worker(config, run_dir, strategy):
         resumed = prepare_run_dir(config, run_dir)
         if not resumed:
             save_vocabulary(vocab, run_dir)
-    keras.utils.set_random_seed(t.seed)
-    with strategy.scope():
-        model = build_model(config, len(vocab), compile=False)
-        optimizer = make_optimizer(t)
-    if chief:
-        distribution.attach_evaluation_copy(model, t.strategy)
+    def build():
+        return build_model(config, len(vocab), compile=False), make_optimizer(t)
 
     def make_dataset(data_config):
         return lm_input.training_dataset(
             lines_factory(data_config, "train"), vocab, data_config, seed=t.seed
         )
 
-    results = distribution.train_multi_worker(
-        config, run_dir, strategy, model, optimizer, make_dataset,
-        ("batch_size", "batch_tokens"), resumed,
+    model, results = distribution.train_multi_worker(
+        config, run_dir, strategy, build, make_dataset, ("batch_size", "batch_tokens"), resumed,
     )
     if chief:
         results["costs"] = presets.costs(model.get_config())

@@ -293,19 +293,16 @@ def train_multi_worker(config, run_dir, strategy):
     # Every worker learns the same vocabulary; only the chief reads or writes the run.
     vocab = build_vocabulary(config, run_dir if chief else None)
     resumed = _prepare(config, run_dir, vocab, counts) if chief else False
-    keras.utils.set_random_seed(t.seed)
-    with strategy.scope():
-        model = build_model(config, len(vocab), compile=False)
-        optimizer = make_optimizer(t)
-    if chief:
-        distribution.attach_evaluation_copy(model, t.strategy)
+    def build():
+        return build_model(config, len(vocab), compile=False), make_optimizer(t)
+
     factory = translate_input.pairs_factory(config.data, "train")
 
     def make_dataset(data_config):
         return translate_input.training_dataset(factory, vocab, data_config, seed=t.seed)
 
-    results = distribution.train_multi_worker(
-        config, run_dir, strategy, model, optimizer, make_dataset, ("batch_tokens",), resumed
+    model, results = distribution.train_multi_worker(
+        config, run_dir, strategy, build, make_dataset, ("batch_tokens",), resumed
     )
     if chief:
         results["cleaning"] = vars(counts)
