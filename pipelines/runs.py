@@ -4,13 +4,15 @@ Shared by `lm_train` and `translate_train`:
 
 - `prepare_run_dir`: write the resolved `config.yaml` first, or check that a
   resumed run has the same configuration (nothing is deleted or overwritten
-  by a refused run);
+  by a refused run); a finished run asked for more `train.steps` goes on
+  from its last step (`extend_finished_run`);
 - `WallClockLimit`: stop `fit` after a wall-time budget;
 - `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
   Importance and Load, max / mean Load) of every MoE block over a whole
   evaluation set, accumulated batch by batch from `keras_moe.Routing`.
 """
 
+import json
 import os
 import time
 
@@ -39,18 +41,18 @@ def prepare_run_dir(config, run_dir):
         run_dir: the run directory.
 
     Returns:
-        True when the directory already held this run (it resumes).
+        True when the directory already held this run (it resumes), or a
+        finished run that `config` extends (see `extend_finished_run`).
 
     Raises:
-        ValueError: the directory holds a finished run, or a different
-            configuration (`train.time_limit_minutes` and `train.verbose`
-            may change between a run and its resumption).
+        ValueError: the directory holds a finished run that `config` does not
+            extend, or a different configuration (`train.time_limit_minutes`
+            and `train.verbose` may change between a run and its resumption).
     """
     path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(os.path.join(run_dir, "model.keras")):
-        raise ValueError(
-            f"{run_dir}: holds a finished run (model.keras); choose a new --run-dir"
-        )
+        extend_finished_run(config, run_dir)
+        return True
     resumed = os.path.exists(path)
     if resumed:
         saved = config_lib.load_config(type(config), path)
@@ -63,6 +65,48 @@ def prepare_run_dir(config, run_dir):
     os.makedirs(run_dir, exist_ok=True)
     config_lib.save_config(config, path)
     return resumed
+
+
+def extend_finished_run(config, run_dir):
+    """Make a finished run resumable, so that training goes on to `config.train.steps`.
+
+    Allowed when `config` equals the run's `config.yaml` except for a larger
+    `train.steps` (and the keys a resumption may change). The finished
+    `model.keras` (weights and optimizer state) becomes the backup that
+    `BackupAndRestore` resumes from, at the evaluation round its step count
+    reached; the learning-rate schedule goes on from the optimizer's step, so
+    the continued run is the longer run. Nothing is lost: the finished run's
+    `model.keras` and `results.json` are kept as `model-step-N.keras` and
+    `results-step-N.json` (N its steps), and `history.csv` and TensorBoard
+    go on appending. Interrupted after this, the run resumes as any other.
+
+    Raises:
+        ValueError: naming the run directory, when `config` does not extend
+            the finished run; nothing is changed then.
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    finished = os.path.join(run_dir, "model.keras")
+    saved = config_lib.load_config(type(config), path)
+    old, new = _comparable(saved), _comparable(config)
+    old_steps, new_steps = old["train"].pop("steps"), new["train"].pop("steps")
+    if old != new or new_steps <= old_steps:
+        raise ValueError(
+            f"{run_dir}: holds a finished run (model.keras, train.steps={old_steps}); choose a "
+            "new --run-dir, or continue it with the same configuration and a larger train.steps"
+        )
+    model = keras.saving.load_model(finished)
+    steps = int(model.optimizer.iterations.numpy())
+    backup = os.path.join(run_dir, "backup")
+    os.makedirs(backup, exist_ok=True)
+    model.save_weights(os.path.join(backup, "latest.weights.h5"), overwrite=True)
+    with open(os.path.join(backup, "training_metadata.json"), "w", encoding="utf-8") as f:
+        json.dump({"epoch": steps // config.train.steps_per_eval, "batch": 0}, f)
+    config_lib.save_config(config, path)
+    # Last: until model.keras is renamed, running the command again redoes the above.
+    for name in ("results.json", "model.keras"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            stem, ext = os.path.splitext(name)
+            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"{stem}-step-{steps}{ext}"))
 
 
 class WallClockLimit(keras.callbacks.Callback):

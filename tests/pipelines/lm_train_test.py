@@ -135,6 +135,32 @@ def test_rerun_resumes_and_different_config_is_refused(tmp_path, corpus):
     assert resumed["steps"] == 2
 
 
+def test_a_finished_run_goes_on_to_a_larger_train_steps(tmp_path, corpus):
+    import csv
+
+    run_dir = tmp_path / "run"
+    first = lm_train.train(tiny_config(corpus), str(run_dir))
+    assert first["steps"] == 2
+    before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "results.json", "model.keras")}
+    # Refused, and nothing touched: the same steps again, fewer, or another change.
+    for extra in ([], ["train.steps=1"], ["train.steps=4", "model.dropout=0.5"]):
+        with pytest.raises(ValueError, match="finished run.*train.steps=2"):
+            lm_train.train(tiny_config(corpus, *extra), str(run_dir))
+        assert {p: (run_dir / p).read_bytes() for p in before} == before
+    assert not (run_dir / "backup").exists()
+
+    more = lm_train.train(tiny_config(corpus, "train.steps=4"), str(run_dir))
+    # The optimizer's step count went on from the finished run's: its state
+    # (and the weights saved with it) was restored, not rebuilt.
+    assert more["resumed"] is True and more["steps"] == 4
+    assert (run_dir / "model-step-2.keras").read_bytes() == before["model.keras"]
+    assert (run_dir / "results-step-2.json").read_bytes() == before["results.json"]
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+    assert "steps: 4" in (run_dir / "config.yaml").read_text()
+    with open(run_dir / "history.csv") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
