@@ -223,6 +223,13 @@ def test_rerun_resumes_and_different_config_is_refused(tmp_path, corpus):
     assert {p: (run_dir / p).read_bytes() for p in before} == before
     resumed = translate_train.train(tiny_config(corpus), str(run_dir))
     assert resumed["resumed"] is True and resumed["steps"] == 2
+    # The finished run goes on when asked for more steps (lm_train_test
+    # checks the refusals); the optimizer's step count carries over.
+    finished = (run_dir / "model.keras").read_bytes()
+    more = translate_train.train(tiny_config(corpus, "train.steps=3"), str(run_dir))
+    assert more["resumed"] is True and more["steps"] == 3
+    assert (run_dir / "model-step-2.keras").read_bytes() == finished
+    assert (run_dir / "results-step-2.json").exists()
 
 
 def test_training_batches_are_shifted_bucketed_and_cover_every_pair_once(corpus):
