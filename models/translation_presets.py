@@ -24,8 +24,8 @@ Assumptions where App. E is silent or our library differs:
 
 Example:
 
->>> preset_names()[:2]
-['cpu-gnmt-dense', 'cpu-gnmt-moe-16']
+>>> preset_names()[:3]
+['cpu-gnmt-dense', 'cpu-gnmt-moe-1-wide', 'cpu-gnmt-moe-16']
 >>> cost = costs("cpu-gnmt-moe-16")
 >>> cost["ops_per_timestep"] == cost["encoder_ops_per_timestep"] + cost["decoder_ops_per_timestep"]
 True
