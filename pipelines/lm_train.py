@@ -45,6 +45,7 @@ from keras_moe.pipelines.lm_data import WordVocabulary, check_vocabulary_matches
 from keras_moe.pipelines.runs import (
     RoutingStatistics,
     WallClockLimit,
+    backup_and_restore,
     find_model,
     prepare_run_dir,
 )
@@ -220,7 +221,7 @@ def make_callbacks(config, run_dir, vocab, model):
     os.makedirs(checkpoints, exist_ok=True)
     callbacks = [
         # First, so that a resumed run has its weights back before anything else runs.
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        backup_and_restore(run_dir),
         keras.callbacks.TerminateOnNaN(),
         # Before the loggers and checkpoints, which read the values it adds.
         ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data),

@@ -67,6 +67,11 @@ def prepare_run_dir(config, run_dir):
     return resumed
 
 
+def backup_and_restore(run_dir):
+    """The run's `BackupAndRestore` callback: a killed run resumes from `run_dir/backup`."""
+    return keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"))
+
+
 def extend_finished_run(config, run_dir):
     """Make a finished run resumable, so that training goes on to `config.train.steps`.
 
@@ -96,7 +101,7 @@ def extend_finished_run(config, run_dir):
         )
     model = keras.saving.load_model(finished)
     steps = int(model.optimizer.iterations.numpy())
-    backup = os.path.join(run_dir, "backup")
+    backup = backup_and_restore(run_dir).backup_dir
     os.makedirs(backup, exist_ok=True)
     model.save_weights(os.path.join(backup, "latest.weights.h5"), overwrite=True)
     with open(os.path.join(backup, "training_metadata.json"), "w", encoding="utf-8") as f:

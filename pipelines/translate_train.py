@@ -43,6 +43,7 @@ from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines import distribution, parallel_corpora, scoring, translate_input
 from keras_moe.pipelines.runs import (
     WallClockLimit,
+    backup_and_restore,
     find_model,
     prepare_run_dir,
 )
@@ -151,7 +152,7 @@ def make_callbacks(config, run_dir, vocab, model, valid_pairs):
     os.makedirs(checkpoints, exist_ok=True)
     callbacks = [
         # First, so that a resumed run has its weights back before anything else runs.
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        backup_and_restore(run_dir),
         keras.callbacks.TerminateOnNaN(),
         # Before the loggers, checkpoints and early stopping, which read its values.
         ValidationScores(
