@@ -31,11 +31,9 @@ experts); `tpu`; or `multi_worker`, which trains with
 
 import json
 import os
-import time
 
 import keras
 
-import keras_moe
 from keras_moe.models import presets
 from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
@@ -44,10 +42,10 @@ from keras_moe.pipelines.lm_config import LMConfig
 from keras_moe.pipelines.lm_data import WordVocabulary, check_vocabulary_matches, load_vocabulary
 from keras_moe.pipelines.runs import (
     RoutingStatistics,
-    WallClockLimit,
-    backup_and_restore,
     find_model,
+    fit_and_save,
     prepare_run_dir,
+    run_callbacks,
 )
 from keras_moe.pipelines.wordpiece import WordPieceVocabulary
 
@@ -215,29 +213,8 @@ class ValidationPerplexity(keras.callbacks.Callback):
 
 
 def make_callbacks(config, run_dir, vocab, model):
-    t = config.train
-    log_dir = os.path.join(run_dir, "tensorboard")
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
-    callbacks = [
-        # First, so that a resumed run has its weights back before anything else runs.
-        backup_and_restore(run_dir),
-        keras.callbacks.TerminateOnNaN(),
-        # Before the loggers and checkpoints, which read the values it adds.
-        ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(checkpoints, "best.keras"), monitor="val_perplexity", mode="min",
-            save_best_only=True,
-        ),
-        keras.callbacks.TensorBoard(log_dir, update_freq=t.monitor_every_n_steps),
-    ]
-    if any(isinstance(layer, (keras_moe.MoE, keras_moe.HierarchicalMoE)) for layer in model.layers):
-        callbacks.append(keras_moe.RoutingMonitor(log_dir, every_n_steps=t.monitor_every_n_steps))
-    if t.time_limit_minutes:
-        callbacks.append(WallClockLimit(t.time_limit_minutes))
-    return callbacks
+    validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
+    return run_callbacks(run_dir, model, config.train, validation, "val_perplexity", "min")
 
 
 def train(config, run_dir, strategy=None):
@@ -280,23 +257,16 @@ def train(config, run_dir, strategy=None):
         lines_factory(config.data, "train"), vocab, config.data, seed=t.seed
     )
     callbacks = make_callbacks(config, run_dir, vocab, model)
-    epochs = -(-t.steps // t.steps_per_eval)
-    start = time.time()
-    history = model.fit(
-        dataset, epochs=epochs, steps_per_epoch=t.steps_per_eval, callbacks=callbacks,
-        verbose=t.verbose, shuffle=False,  # the dataset shuffles itself
-    )
-    train_seconds = time.time() - start
-    model.save(os.path.join(run_dir, "model.keras"))
+    fitted = fit_and_save(model, dataset, t, callbacks, run_dir)
     results = {
         "preset": config.model.preset,
         "resumed": resumed,
-        "steps": int(model.optimizer.iterations.numpy()),
-        "train_seconds": round(train_seconds, 1),
+        "steps": fitted["steps"],
+        "train_seconds": fitted["train_seconds"],
         "strategy": t.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
         "costs": presets.costs(model.get_config()),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": fitted["history"],
     }
     return _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
 

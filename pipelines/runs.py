@@ -6,6 +6,10 @@ Shared by `lm_train` and `translate_train`:
   resumed run has the same configuration (nothing is deleted or overwritten
   by a refused run); a finished run asked for more `train.steps` goes on
   from its last step (`extend_finished_run`);
+- `run_callbacks`: the callbacks of every run (backup, NaN guard, the
+  pipeline's validation, history, checkpoints, TensorBoard, routing, time
+  limit), in the order they must run;
+- `fit_and_save`: `model.fit` in evaluation-long epochs, then `model.keras`;
 - `WallClockLimit`: stop `fit` after a wall-time budget;
 - `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
   Importance and Load, max / mean Load) of every MoE block over a whole
@@ -19,6 +23,8 @@ import time
 import keras
 import numpy as np
 
+from keras_moe import RoutingMonitor
+from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines import config as config_lib
 
 # Keys that only steer how a run is executed: a resumed run may change them.
@@ -70,6 +76,76 @@ def prepare_run_dir(config, run_dir):
 def backup_and_restore(run_dir):
     """The run's `BackupAndRestore` callback: a killed run resumes from `run_dir/backup`."""
     return keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"))
+
+
+def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
+    """The callbacks of a training run, in the order they must run.
+
+    Args:
+        run_dir: the run directory; `backup/`, `checkpoints/`, `tensorboard/`
+            and `history.csv` go into it.
+        model: the model being trained; a `RoutingMonitor` is added when it
+            has MoE layers.
+        train: the config's `train` section (`monitor_every_n_steps`,
+            `time_limit_minutes`).
+        validation: the pipeline's validation callback; it adds the `val_*`
+            values that the logger, checkpoints and `extra` read.
+        monitor, mode: the validation value `checkpoints/best.keras` keeps
+            the best of (`"val_perplexity"`, `"min"`; `"val_bleu"`, `"max"`).
+        extra: further callbacks, run after the checkpoints.
+
+    Returns:
+        A list of callbacks for `model.fit`.
+    """
+    log_dir = os.path.join(run_dir, "tensorboard")
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    os.makedirs(checkpoints, exist_ok=True)
+    callbacks = [
+        # First, so that a resumed run has its weights back before anything else runs.
+        backup_and_restore(run_dir),
+        keras.callbacks.TerminateOnNaN(),
+        # Before the logger and checkpoints, which read the values it adds.
+        validation,
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(checkpoints, "best.keras"), monitor=monitor, mode=mode,
+            save_best_only=True,
+        ),
+        *extra,
+        keras.callbacks.TensorBoard(log_dir, update_freq=train.monitor_every_n_steps),
+    ]
+    if find_moe_layers(model):
+        callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))
+    if train.time_limit_minutes:
+        callbacks.append(WallClockLimit(train.time_limit_minutes))
+    return callbacks
+
+
+def fit_and_save(model, dataset, train, callbacks, run_dir):
+    """Train `model` to `train.steps`, then save it as `run_dir/model.keras`.
+
+    One Keras epoch is `train.steps_per_eval` steps, so validation,
+    checkpoints and the backup happen at every epoch's end; a resumed run
+    starts again at the epoch its backup recorded.
+
+    Returns:
+        The `steps`, `train_seconds` and `history` entries of the run's
+        results (`steps`: the optimizer's step count, resumed steps included).
+    """
+    start = time.time()
+    history = model.fit(
+        dataset, epochs=-(-train.steps // train.steps_per_eval),
+        steps_per_epoch=train.steps_per_eval, callbacks=callbacks, verbose=train.verbose,
+        shuffle=False,  # the dataset shuffles itself
+    )
+    train_seconds = time.time() - start
+    model.save(os.path.join(run_dir, "model.keras"))
+    return {
+        "steps": int(model.optimizer.iterations.numpy()),
+        "train_seconds": round(train_seconds, 1),
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+    }
 
 
 def extend_finished_run(config, run_dir):

@@ -31,21 +31,19 @@ strategy as for the language models (see `keras_moe.pipelines.lm_train` and
 
 import json
 import os
-import time
 
 import keras
 import numpy as np
 
-import keras_moe
 from keras_moe.models import translation_presets
 from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines import distribution, parallel_corpora, scoring, translate_input
 from keras_moe.pipelines.runs import (
-    WallClockLimit,
-    backup_and_restore,
     find_model,
+    fit_and_save,
     prepare_run_dir,
+    run_callbacks,
 )
 from keras_moe.pipelines.translate_config import TranslateConfig
 
@@ -147,36 +145,16 @@ def build_model(config, vocab_size, compile=True):
 
 def make_callbacks(config, run_dir, vocab, model, valid_pairs):
     t = config.train
-    log_dir = os.path.join(run_dir, "tensorboard")
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
-    callbacks = [
-        # First, so that a resumed run has its weights back before anything else runs.
-        backup_and_restore(run_dir),
-        keras.callbacks.TerminateOnNaN(),
-        # Before the loggers, checkpoints and early stopping, which read its values.
-        ValidationScores(
-            valid_pairs, vocab, config.decode, config.data.eval_batch_size,
-            config.data.valid_bleu_sentences, config.decode.valid_beam_width,
-            config.data.target_language,
-        ),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(checkpoints, "best.keras"), monitor="val_bleu", mode="max",
-            save_best_only=True,
-        ),
-        KeepLastCheckpoints(checkpoints, t.keep_checkpoints),
-        keras.callbacks.TensorBoard(log_dir, update_freq=t.monitor_every_n_steps),
-    ]
+    validation = ValidationScores(
+        valid_pairs, vocab, config.decode, config.data.eval_batch_size,
+        config.data.valid_bleu_sentences, config.decode.valid_beam_width,
+        config.data.target_language,
+    )
+    extra = [KeepLastCheckpoints(os.path.join(run_dir, "checkpoints"), t.keep_checkpoints)]
     if t.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
+        extra.append(keras.callbacks.EarlyStopping(
             monitor="val_bleu", mode="max", patience=t.early_stopping_patience))
-    if keras_moe.monitoring.find_moe_layers(model):
-        callbacks.append(keras_moe.RoutingMonitor(log_dir, every_n_steps=t.monitor_every_n_steps))
-    if t.time_limit_minutes:
-        callbacks.append(WallClockLimit(t.time_limit_minutes))
-    return callbacks
+    return run_callbacks(run_dir, model, t, validation, "val_bleu", "max", extra)
 
 
 def train(config, run_dir, strategy=None):
@@ -218,23 +196,17 @@ def train(config, run_dir, strategy=None):
     )
     valid_pairs = list(translate_input.pairs_factory(config.data, "valid")())
     callbacks = make_callbacks(config, run_dir, vocab, model, valid_pairs)
-    start = time.time()
-    history = model.fit(
-        dataset, epochs=-(-t.steps // t.steps_per_eval), steps_per_epoch=t.steps_per_eval,
-        callbacks=callbacks, verbose=t.verbose, shuffle=False,  # the dataset shuffles itself
-    )
-    train_seconds = time.time() - start
-    model.save(os.path.join(run_dir, "model.keras"))
+    fitted = fit_and_save(model, dataset, t, callbacks, run_dir)
     results = {
         "preset": config.model.preset,
         "resumed": resumed,
-        "steps": int(model.optimizer.iterations.numpy()),
-        "train_seconds": round(train_seconds, 1),
+        "steps": fitted["steps"],
+        "train_seconds": fitted["train_seconds"],
         "strategy": t.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
         "cleaning": vars(counts),
         "costs": translation_presets.costs(model.get_config()),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": fitted["history"],
     }
     return _finish(config, run_dir, distribution.evaluation_model(model), vocab, valid_pairs,
                    results)
