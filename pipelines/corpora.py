@@ -6,6 +6,7 @@ import gzip
 import os
 import re
 import struct
+import zlib
 
 GETTEXT_ROOT = "/usr/share/locale"
 
@@ -72,8 +73,45 @@ def gettext_english_lines(language="de", root=GETTEXT_ROOT):
     return lines
 
 
+def open_binary(path):
+    """`path` opened for reading bytes, decompressed when it ends in `.gz`."""
+    # Binary: each line is decoded on its own, so an error can name its line.
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def numbered_lines(path, error=ValueError):
+    """`(number, line)` of a UTF-8 text file (`.gz` too), read lazily.
+
+    Lines are numbered from 1 as an editor numbers them (blank lines
+    count); the line ending (`\n` or `\r\n`) is removed and nothing else
+    (separators such as U+2028 that `str.splitlines` would split at stay
+    in the line); a UTF-8 byte order mark at the start of the file is
+    dropped.
+
+    Raises:
+        error: (an exception class, `ValueError` by default) naming the file
+            and line of the first byte that is not UTF-8, or the file when
+            a `.gz` name holds no valid gzip data.
+    """
+    path = os.fspath(path)
+    with open_binary(path) as f:
+        try:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise error(
+                        f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})"
+                    ) from None
+                if number == 1 and line.startswith("\ufeff"):
+                    line = line[1:]  # a byte order mark is no text
+                yield number, line.removesuffix("\n").removesuffix("\r")
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise error(f"{path}: not a valid gzip file ({e})") from None
+
+
 def read_lines(path):
-    """Non-empty lines of a UTF-8 text file (`.gz` too).
+    """Non-empty lines of a UTF-8 text file (`.gz` too), stripped.
 
     Raises:
         FileNotFoundError: naming the file.
@@ -82,16 +120,8 @@ def read_lines(path):
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"corpus file not found: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
-    lines = []
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid UTF-8 ({error.reason})") from None
-            if line:
-                lines.append(line)
+    lines = [line.strip() for _, line in numbered_lines(path)]
+    lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{path}: the corpus is empty (no non-empty line)")
     return lines
@@ -103,8 +133,6 @@ def split_deterministic(items, valid_fraction=0.05, test_fraction=0.05):
     The same item always lands in the same split, whatever else the list
     holds, so adding catalogues never moves an old message into train.
     """
-    import zlib
-
     train, valid, test = [], [], []
     for item in items:
         key = item if isinstance(item, str) else item[0]

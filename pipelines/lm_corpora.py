@@ -9,10 +9,10 @@ convention for per-word perplexity.
 """
 
 import glob
-import gzip
 import os
 import re
-import zlib
+
+from keras_moe.pipelines import corpora
 
 FORMATS = ("text", "ptb", "wikitext", "1b", "tfds")
 
@@ -229,24 +229,8 @@ def _split_file(folder, format, split):
     raise FileNotFoundError(f"{format} {split} file not found: {' or '.join(candidates)}")
 
 
-def _open(path):
-    # Binary: each line is decoded on its own, so an error can name its line.
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 def _file_lines(path):
-    with _open(path) as f:
-        try:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                    ) from None
-                yield line.strip()
-        except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-            raise ValueError(f"{path}: not a valid gzip file ({error})") from None
+    return (line.strip() for _, line in corpora.numbered_lines(path))
 
 
 def _lines_of_files(files, name, blank_lines):

@@ -23,11 +23,11 @@ never sits in memory (`.sgm` test sets are read whole). Bad data raises
 and both counts when the sides differ.
 """
 
-import gzip
 import os
 import re
-import zlib
 from collections.abc import Mapping
+
+from keras_moe.pipelines import corpora
 
 # Pairs read from TFDS per tf.data batch: one Python round trip per batch.
 _TFDS_BATCH = 1024
@@ -59,27 +59,9 @@ def _check_file(path):
     return path
 
 
-def _open(path):
-    # Binary: each line is decoded on its own, so an error can name its line.
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 def _numbered_lines(path):
     """`(number, line)` of a file, decoded, the line ending removed."""
-    with _open(path) as f:
-        try:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ParallelDataError(
-                        f"{path}:{number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                    ) from None
-                if number == 1 and line.startswith("\ufeff"):
-                    line = line[1:]  # a UTF-8 byte order mark is no text
-                yield number, line.rstrip("\r\n")
-        except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-            raise ParallelDataError(f"{path}: not a valid gzip file ({error})") from None
+    return corpora.numbered_lines(path, ParallelDataError)
 
 
 def _plural(count, unit):

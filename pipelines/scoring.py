@@ -45,6 +45,8 @@ import re
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from keras_moe.pipelines import corpora
+
 # Every score is higher-is-better (for model selection and early stopping).
 HIGHER_IS_BETTER = {"bleu": True, "bleu_tokenized": True, "chrf": True}
 
@@ -146,23 +148,21 @@ def score(hypotheses, references, *, target_language="de"):
 
 
 def read_lines(path):
-    """The lines of UTF-8 file `path`, trailing newline stripped, empty lines kept.
+    """The lines of UTF-8 file `path` (`.gz` too), the line ending removed, empty lines kept.
 
     Line `i` is sentence `i`: an empty line is an empty sentence, not
     skipped. Lines end at `\\n` only, and only the terminator (`\\n` or
     `\\r\\n`) is removed: other whitespace, and separators such as
     U+2028 that `str.splitlines` would split at, stay in the sentence. A
-    last line without a newline counts. Raises `FileNotFoundError` naming
-    `path` when it does not exist.
+    last line without a newline counts; a byte order mark is dropped.
+
+    Raises:
+        FileNotFoundError: naming `path` when it does not exist.
+        ValueError: naming the file and line of a byte that is not UTF-8.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such file to score: {path}")
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    if not text:
-        return []
-    lines = text.removesuffix("\n").split("\n")
-    return [line.removesuffix("\r") for line in lines]
+    return [line for _, line in corpora.numbered_lines(path)]
 
 
 def score_files(hypothesis_path, reference_paths, *, target_language="de"):

@@ -30,3 +30,20 @@ def _seed_everything():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
+
+
+@pytest.fixture
+def opened_files(monkeypatch):
+    """Records `(path, file)` for every file the corpus readers open, in order."""
+    from keras_moe.pipelines import corpora
+
+    opened = []
+    real_open = corpora.open_binary
+
+    def recording_open(path):
+        f = real_open(path)
+        opened.append((path, f))
+        return f
+
+    monkeypatch.setattr(corpora, "open_binary", recording_open)
+    return opened

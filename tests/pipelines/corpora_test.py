@@ -95,6 +95,40 @@ def test_read_lines_bad_utf8_in_gzip_names_line(tmp_path):
     assert f"{path}:2" in str(info.value)
 
 
+def test_numbered_lines_keeps_text_and_counts_physical_lines(tmp_path):
+    path = tmp_path / "text.txt"
+    # A byte order mark, CRLF and LF endings, a blank line, inner and outer
+    # spaces and U+2028 (a line separator to str.splitlines, not to a file),
+    # and a last line without a newline.
+    path.write_bytes("\ufeff a b \r\n\nc\u2028d\n  last".encode("utf-8"))
+    assert list(corpora.numbered_lines(str(path))) == [
+        (1, " a b "), (2, ""), (3, "c\u2028d"), (4, "  last"),
+    ]
+
+
+class _MyError(ValueError):
+    pass
+
+
+def test_numbered_lines_raises_the_given_error(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"ok\n\xff\n")
+    lines = corpora.numbered_lines(str(path), _MyError)
+    assert next(lines) == (1, "ok")
+    with pytest.raises(_MyError, match=f"{path}:2: not valid UTF-8"):
+        next(lines)
+    fake = tmp_path / "plain.txt.gz"
+    fake.write_bytes(b"not compressed\n")
+    with pytest.raises(_MyError, match=f"{fake}: not a valid gzip file"):
+        list(corpora.numbered_lines(str(fake), _MyError))
+
+
+def test_read_lines_drops_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffwort\r\nzwei\r\n".encode("utf-8"))
+    assert corpora.read_lines(str(path)) == ["wort", "zwei"]
+
+
 # ---------------------------------------------------------------------------
 # gettext catalogues written by the test
 

@@ -295,6 +295,12 @@ def test_bad_utf8_names_file_and_physical_line(tmp_path):
         next(lines)
 
 
+def test_byte_order_mark_is_not_a_word(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffthe cat\r\nsat\n".encode("utf-8"))
+    assert list(iter_lines(str(path))) == ["the cat", "sat"]
+
+
 def test_bad_utf8_in_gz_names_file_and_line(tmp_path):
     path = write_gz(tmp_path / "bad.txt.gz", b"ok\n\xff\xfe\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid UTF-8")):
@@ -319,19 +325,7 @@ def test_truncated_gz_names_the_file(tmp_path):
 # streaming
 
 
-@pytest.fixture
-def opened_files(monkeypatch):
-    """Records every file object iter_lines opens, in order."""
-    opened = []
-    real_open = lm_corpora._open
-
-    def recording_open(path):
-        f = real_open(path)
-        opened.append((path, f))
-        return f
-
-    monkeypatch.setattr(lm_corpora, "_open", recording_open)
-    return opened
+# `opened_files`: tests/conftest.py
 
 
 def test_streaming_reads_a_buffer_not_the_file(tmp_path, opened_files):

@@ -130,28 +130,19 @@ def test_gz_name_on_plain_text_names_the_file(tmp_path):
         list(read_parallel_files(source, fake))
 
 
-def test_parallel_files_stream(tmp_path, monkeypatch):
-    opened = []
-    real_open = parallel_corpora._open
-
-    def recording_open(path):
-        f = real_open(path)
-        opened.append(f)
-        return f
-
-    monkeypatch.setattr(parallel_corpora, "_open", recording_open)
+def test_parallel_files_stream(tmp_path, opened_files):
     n = 50_000
     line = b"the quick brown fox jumps over the lazy dog .\n"
     write(tmp_path / "s.txt", "").write_bytes(line * n)
     write(tmp_path / "t.txt", "").write_bytes(line * n)
     pairs = read_parallel_files(tmp_path / "s.txt", tmp_path / "t.txt")
-    assert opened == []  # nothing is opened before iteration
+    assert opened_files == []  # nothing is opened before iteration
     next(pairs)
     assert os.path.getsize(tmp_path / "s.txt") > 2_000_000
     # Each file's operating-system position: one read buffer, not 2 MB.
-    assert [f.raw.tell() < 100_000 for f in opened] == [True, True]
+    assert [f.raw.tell() < 100_000 for _, f in opened_files] == [True, True]
     assert sum(1 for _ in pairs) == n - 1
-    assert all(f.closed for f in opened)
+    assert all(f.closed for _, f in opened_files)
 
 
 # ---------------------------------------------------------------------------

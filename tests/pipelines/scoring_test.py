@@ -1,6 +1,7 @@
 """Scorers on files: sacreBLEU's figures exactly, tokenized BLEU from hand counts."""
 
 import math
+import re
 
 import pytest
 import sacrebleu
@@ -140,6 +141,15 @@ def test_read_lines_keeps_empty_lines_and_strips_only_the_newline(tmp_path):
     assert scoring.read_lines(path) == [""]
     path.write_bytes(b"")
     assert scoring.read_lines(path) == []
+    path.write_bytes(b"eins\r\r\n\xef\xbb\xbfzwei\n")  # only one ending; an inner BOM is text
+    assert scoring.read_lines(path) == ["eins\r", "\ufeffzwei"]
+
+
+def test_read_lines_names_the_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "hyp.txt"
+    path.write_bytes("gut\nGr\u00fc\u00dfe\n".encode("utf-8") + b"caf\xe9\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not valid UTF-8")):
+        scoring.read_lines(path)
 
 
 def test_score_errors():
