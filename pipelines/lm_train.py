@@ -263,6 +263,7 @@ def train(config, run_dir, strategy=None):
         "resumed": resumed,
         "steps": fitted["steps"],
         "train_seconds": fitted["train_seconds"],
+        "elapsed_minutes": fitted["elapsed_minutes"],
         "strategy": t.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
         "costs": presets.costs(model.get_config()),

@@ -10,12 +10,17 @@ Shared by `lm_train` and `translate_train`:
   pipeline's validation, history, checkpoints, TensorBoard, routing, time
   limit), in the order they must run;
 - `fit_and_save`: `model.fit` in evaluation-long epochs, then `model.keras`;
-- `WallClockLimit`: stop `fit` after a wall-time budget;
+- `TrainingClock`: the run's training time, counted across resumes and
+  continuations, logged as `elapsed_minutes`, and its limit;
+- `HistoryLogger`: `history.csv`, one row per evaluation, columns kept
+  aligned when a resumed run logs other values;
 - `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
   Importance and Load, max / mean Load) of every MoE block over a whole
   evaluation set, accumulated batch by batch from `keras_moe.Routing`.
 """
 
+import csv
+import io
 import json
 import os
 import time
@@ -87,7 +92,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         model: the model being trained; a `RoutingMonitor` is added when it
             has MoE layers.
         train: the config's `train` section (`monitor_every_n_steps`,
-            `time_limit_minutes`).
+            `time_limit_minutes`: a limit on the run's training time, resumes
+            and continuations included).
         validation: the pipeline's validation callback; it adds the `val_*`
             values that the logger, checkpoints and `extra` read.
         monitor, mode: the validation value `checkpoints/best.keras` keeps
@@ -101,12 +107,16 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     checkpoints = os.path.join(run_dir, "checkpoints")
     os.makedirs(checkpoints, exist_ok=True)
     callbacks = [
-        # First, so that a resumed run has its weights back before anything else runs.
+        # First at an epoch's end: the time is noted before the backup of that
+        # step is written, so a resumed run always finds its step's time.
+        TrainingClock(run_dir, train.time_limit_minutes),
+        # Before the others, so that a resumed run has its weights back
+        # before anything else runs.
         backup_and_restore(run_dir),
         keras.callbacks.TerminateOnNaN(),
         # Before the logger and checkpoints, which read the values it adds.
         validation,
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        HistoryLogger(os.path.join(run_dir, "history.csv")),
         keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
         keras.callbacks.ModelCheckpoint(
             os.path.join(checkpoints, "best.keras"), monitor=monitor, mode=mode,
@@ -117,8 +127,6 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))
-    if train.time_limit_minutes:
-        callbacks.append(WallClockLimit(train.time_limit_minutes))
     return callbacks
 
 
@@ -130,8 +138,11 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
     starts again at the epoch its backup recorded.
 
     Returns:
-        The `steps`, `train_seconds` and `history` entries of the run's
-        results (`steps`: the optimizer's step count, resumed steps included).
+        The `steps`, `train_seconds`, `elapsed_minutes` and `history`
+        entries of the run's results (`steps`: the optimizer's step count,
+        resumed steps included; `train_seconds`: this call's `fit`;
+        `elapsed_minutes`: the run's training time, resumes included; None
+        when `callbacks` hold no `TrainingClock`).
     """
     start = time.time()
     history = model.fit(
@@ -141,9 +152,11 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
     )
     train_seconds = time.time() - start
     model.save(os.path.join(run_dir, "model.keras"))
+    clocks = [c for c in callbacks if isinstance(c, TrainingClock)]
     return {
         "steps": int(model.optimizer.iterations.numpy()),
         "train_seconds": round(train_seconds, 1),
+        "elapsed_minutes": round(clocks[0].elapsed_seconds() / 60.0, 2) if clocks else None,
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
     }
 
@@ -190,22 +203,120 @@ def extend_finished_run(config, run_dir):
             os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"{stem}-step-{steps}{ext}"))
 
 
-class WallClockLimit(keras.callbacks.Callback):
-    """Stops training once `minutes` of wall time have passed since `fit` began."""
+class TrainingClock(keras.callbacks.Callback):
+    """The run's training time, across resumes and continuations; its limit.
 
-    def __init__(self, minutes):
+    Wall time counts from the start of `fit` (validation included, as it
+    is part of what a run costs). At every evaluation the run's time so far
+    is written to `run_dir/elapsed.json` under the optimizer's step and
+    added to the logs as `elapsed_minutes` (so `history.csv` and
+    TensorBoard show quality against time). A resumed or continued run
+    starts from the time noted at the step it resumes from: the steps lost
+    to a kill are not counted, the steps kept are, and a run spread over
+    several sittings reports the time of one uninterrupted run.
+
+    Args:
+        run_dir: the run directory (`elapsed.json` goes there).
+        limit_minutes: optional; training stops after the batch during which
+            the run's time passes it (then the run is evaluated and saved).
+        clock: a function returning seconds (for tests); `time.monotonic`.
+    """
+
+    def __init__(self, run_dir, limit_minutes=None, clock=time.monotonic):
         super().__init__()
-        self.seconds = minutes * 60.0
+        self.path = os.path.join(run_dir, "elapsed.json")
+        self.limit = None if limit_minutes is None else limit_minutes * 60.0
+        self.clock = clock
         self.start = None
+        self.base = None  # seconds noted at the step this fit resumed from
         self.stopped_at_step = None
 
+    def _noted(self):
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path, encoding="utf-8") as f:
+            return {int(step): seconds for step, seconds in json.load(f).items()}
+
+    def elapsed_seconds(self):
+        """The run's training time so far (0 before `fit` has started)."""
+        if self.start is None:
+            return 0.0
+        return (self.base or 0.0) + self.clock() - self.start
+
     def on_train_begin(self, logs=None):
-        self.start = time.monotonic()
+        self.start = self.clock()
+        self.base = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.base is None:
+            # Here, not at train begin: by the first batch the backup (and
+            # with it the optimizer's step) has been restored.
+            step = int(self.model.optimizer.iterations.numpy())
+            noted = self._noted()
+            earlier = [s for s in noted if s <= step]
+            self.base = noted[max(earlier)] if earlier else 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        if time.monotonic() - self.start > self.seconds and not self.model.stop_training:
+        if (self.limit is not None and self.elapsed_seconds() > self.limit
+                and not self.model.stop_training):
             self.model.stop_training = True
             self.stopped_at_step = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = self.elapsed_seconds()
+        if logs is not None:
+            logs["elapsed_minutes"] = seconds / 60.0
+        noted = self._noted()
+        noted[int(self.model.optimizer.iterations.numpy())] = round(seconds, 3)
+        _write_atomically(self.path, json.dumps({str(k): v for k, v in sorted(noted.items())}))
+
+
+class HistoryLogger(keras.callbacks.Callback):
+    """`history.csv`: the epoch and every logged value, a row per evaluation.
+
+    Appends across resumes like `keras.callbacks.CSVLogger(append=True)`,
+    but when a row brings values the file has no column for (a resumed run
+    logging more, or other, values), the file is rewritten with the new
+    columns added and the old rows left empty there, so columns never
+    shift under their header. Nothing already written is dropped.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **{k: _csv_value(v) for k, v in sorted((logs or {}).items())}}
+        header, rows = [], []
+        if os.path.exists(self.path):
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header, rows = list(reader.fieldnames or []), list(reader)
+        new = [key for key in row if key not in header]
+        if header and not new:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, header, restval="").writerow(row)
+            return
+        text = io.StringIO()
+        writer = csv.DictWriter(text, header + new, restval="")
+        writer.writeheader()
+        writer.writerows(rows + [row])
+        _write_atomically(self.path, text.getvalue())
+
+
+def _csv_value(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _write_atomically(path, text):
+    # A kill while writing leaves the old file whole, never half of the new.
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def find_model(run_dir):

@@ -158,7 +158,13 @@ def test_a_finished_run_goes_on_to_a_larger_train_steps(tmp_path, corpus):
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
     assert "steps: 4" in (run_dir / "config.yaml").read_text()
     with open(run_dir / "history.csv") as f:
-        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1, 2, 3]
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    # The training time counts on from the finished run's (runs_test.py has the arithmetic).
+    minutes = [float(row["elapsed_minutes"]) for row in rows]
+    assert minutes == sorted(minutes) and minutes[0] > 0
+    assert json.loads((run_dir / "elapsed.json").read_text()).keys() == {"1", "2", "3", "4"}
+    assert more["elapsed_minutes"] >= round(minutes[-1], 2)
 
 
 @pytest.mark.parametrize(

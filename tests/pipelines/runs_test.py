@@ -1,0 +1,128 @@
+"""Tests of the run-directory callbacks in keras_moe.pipelines.runs.
+
+`TrainingClock` runs under a fake clock that advances 10 s per training
+batch, so every expected time below is a count of batches times 10 s,
+worked out by hand.
+"""
+
+import csv
+import json
+
+import keras
+import numpy as np
+
+from keras_moe.pipelines.runs import HistoryLogger, TrainingClock
+
+SECONDS_PER_BATCH = 10.0
+
+
+class FakeTime(keras.callbacks.Callback):
+    """A clock that moves on `SECONDS_PER_BATCH` at the end of every batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now += SECONDS_PER_BATCH
+
+
+def tiny_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(16, 3)).astype("float32"), rng.normal(size=(16, 1)).astype("float32")
+
+
+def fit(model, clock, fake, epochs, initial_epoch=0):
+    x, y = data()
+    # FakeTime first: the clock reads the time after this batch's 10 s.
+    return model.fit(x, y, batch_size=2, steps_per_epoch=2, epochs=epochs,
+                     initial_epoch=initial_epoch, callbacks=[fake, clock], verbose=0)
+
+
+def noted(run_dir):
+    return json.loads((run_dir / "elapsed.json").read_text())
+
+
+def test_clock_notes_the_time_of_every_evaluation(tmp_path):
+    fake = FakeTime()
+    clock = TrainingClock(str(tmp_path), clock=fake)
+    history = fit(tiny_model(), clock, fake, epochs=3)
+    # 2 batches per epoch, 10 s each: 20, 40, 60 s at steps 2, 4, 6.
+    assert history.history["elapsed_minutes"] == [20 / 60, 40 / 60, 60 / 60]
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0, "6": 60.0}
+    assert clock.elapsed_seconds() == 60.0
+    assert clock.stopped_at_step is None
+
+
+def test_a_resumed_run_counts_on_from_the_step_it_resumes_at(tmp_path):
+    model = tiny_model()
+    fake = FakeTime()
+    fit(model, TrainingClock(str(tmp_path), clock=fake), fake, epochs=2)  # steps 1-4, 40 s
+    # A later sitting reached step 6 after 999 s, then was killed before its
+    # backup: the run resumes at step 4, and those 999 s are not its time.
+    (tmp_path / "elapsed.json").write_text(json.dumps({**noted(tmp_path), "6": 999.0}))
+    assert int(model.optimizer.iterations.numpy()) == 4
+    clock = TrainingClock(str(tmp_path), clock=fake)
+    history = fit(model, clock, fake, epochs=3, initial_epoch=2)
+    assert clock.base == 40.0
+    assert history.history["elapsed_minutes"] == [60 / 60]
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0, "6": 60.0}
+
+
+def test_the_limit_counts_the_whole_run(tmp_path):
+    fake = FakeTime()
+    model = tiny_model()
+    clock = TrainingClock(str(tmp_path), limit_minutes=0.5, clock=fake)
+    fit(model, clock, fake, epochs=3)
+    # 30 s allowed: after batch 3 the run has had exactly 30 s, after batch 4
+    # 40 s > 30 s, so it stops there, in the second epoch.
+    assert clock.stopped_at_step == 4
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0}
+    # Resumed at step 4 with 45 s allowed: 40 s are spent, one batch more.
+    clock = TrainingClock(str(tmp_path), limit_minutes=0.75, clock=fake)
+    fit(model, clock, fake, epochs=3, initial_epoch=2)
+    assert clock.stopped_at_step == 5
+    assert noted(tmp_path)["5"] == 50.0
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_history_adds_columns_without_shifting_old_rows(tmp_path):
+    path = tmp_path / "history.csv"
+    # As keras.callbacks.CSVLogger writes it, by an older run.
+    path.write_text("epoch,loss,val_loss\n0,2.5,2.75\n")
+    logger = HistoryLogger(str(path))
+    logger.on_epoch_end(1, {"loss": np.float32(1.5), "elapsed_minutes": 3.0, "val_loss": 2.25})
+    logger.on_epoch_end(2, {"loss": 1.25, "elapsed_minutes": 4.5, "val_loss": 2.0})
+    header, rows = read_csv(path)
+    assert header == ["epoch", "loss", "val_loss", "elapsed_minutes"]
+    assert rows == [
+        {"epoch": "0", "loss": "2.5", "val_loss": "2.75", "elapsed_minutes": ""},
+        {"epoch": "1", "loss": "1.5", "val_loss": "2.25", "elapsed_minutes": "3.0"},
+        {"epoch": "2", "loss": "1.25", "val_loss": "2.0", "elapsed_minutes": "4.5"},
+    ]
+    # A row with fewer values leaves its missing columns empty.
+    logger.on_epoch_end(3, {"loss": 1.0})
+    assert read_csv(path)[1][-1] == {"epoch": "3", "loss": "1.0", "val_loss": "",
+                                     "elapsed_minutes": ""}
+
+
+def test_history_starts_a_new_file(tmp_path):
+    path = tmp_path / "history.csv"
+    HistoryLogger(str(path)).on_epoch_end(0, {"val_bleu": 1.5, "loss": 3.0, "note": "x"})
+    assert read_csv(path) == (["epoch", "loss", "note", "val_bleu"],
+                              [{"epoch": "0", "loss": "3.0", "note": "x", "val_bleu": "1.5"}])
