@@ -229,13 +229,8 @@ class TrainingClock(keras.callbacks.Callback):
         self.clock = clock
         self.start = None
         self.base = None  # seconds noted at the step this fit resumed from
+        self.noted = {}  # step -> seconds, as in elapsed.json
         self.stopped_at_step = None
-
-    def _noted(self):
-        if not os.path.exists(self.path):
-            return {}
-        with open(self.path, encoding="utf-8") as f:
-            return {int(step): seconds for step, seconds in json.load(f).items()}
 
     def elapsed_seconds(self):
         """The run's training time so far (0 before `fit` has started)."""
@@ -246,15 +241,18 @@ class TrainingClock(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = self.clock()
         self.base = None
+        self.noted = {}
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                self.noted = {int(step): seconds for step, seconds in json.load(f).items()}
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.base is None:
             # Here, not at train begin: by the first batch the backup (and
             # with it the optimizer's step) has been restored.
             step = int(self.model.optimizer.iterations.numpy())
-            noted = self._noted()
-            earlier = [s for s in noted if s <= step]
-            self.base = noted[max(earlier)] if earlier else 0.0
+            earlier = [s for s in self.noted if s <= step]
+            self.base = self.noted[max(earlier)] if earlier else 0.0
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.limit is not None and self.elapsed_seconds() > self.limit
@@ -266,9 +264,10 @@ class TrainingClock(keras.callbacks.Callback):
         seconds = self.elapsed_seconds()
         if logs is not None:
             logs["elapsed_minutes"] = seconds / 60.0
-        noted = self._noted()
-        noted[int(self.model.optimizer.iterations.numpy())] = round(seconds, 3)
-        _write_atomically(self.path, json.dumps({str(k): v for k, v in sorted(noted.items())}))
+        self.noted[int(self.model.optimizer.iterations.numpy())] = round(seconds, 3)
+        _write_atomically(
+            self.path, json.dumps({str(k): v for k, v in sorted(self.noted.items())})
+        )
 
 
 class HistoryLogger(keras.callbacks.Callback):
