@@ -141,6 +141,20 @@ def build_parser():
     inspect.add_argument(
         "--max-lines", type=int, default=2000, help="lines of --data routed (default: 2000)"
     )
+
+    compare = sub.add_parser(
+        "compare",
+        help="runs side by side from their run directories: validation curves by step, best "
+        "evaluations, final scores, configuration differences; runs with the same label "
+        "are a group (mean, standard deviation, count)",
+    )
+    compare.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR")
+    compare.add_argument(
+        "--metric", dest="metrics", action="append", default=[], metavar="NAME",
+        help="a history.csv column, or elapsed_minutes (repeatable; default: val_bleu and "
+        "val_perplexity where logged)",
+    )
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON")
     return parser
 
 
@@ -353,6 +367,16 @@ def run_inspect(args):
     )
 
 
+def run_compare(args):
+    """`keras-moe compare ...`: the library reads the runs; Markdown or JSON on stdout."""
+    import json
+
+    from keras_moe.pipelines.compare import compare, markdown
+
+    comparison = compare(args.runs, metrics=args.metrics)
+    print(json.dumps(comparison, indent=2) if args.json else markdown(comparison), end="\n" if args.json else "")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_environment(argv)
@@ -368,6 +392,8 @@ def main(argv=None):
             run_translate(args)
         elif args.command == "inspect":
             run_inspect(args)
+        elif args.command == "compare":
+            run_compare(args)
         elif args.command == "reproduce":
             run_reproduce(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as error:

@@ -35,6 +35,7 @@ MODULES = [
     "keras_moe.pipelines.inspect",
     "keras_moe.pipelines.parallel_corpora",
     "keras_moe.pipelines.scoring",
+    "keras_moe.pipelines.compare",
 ]
 
 
