@@ -374,7 +374,10 @@ def run_compare(args):
     from keras_moe.pipelines.compare import compare, markdown
 
     comparison = compare(args.runs, metrics=args.metrics)
-    print(json.dumps(comparison, indent=2) if args.json else markdown(comparison), end="\n" if args.json else "")
+    if args.json:
+        print(json.dumps(comparison, indent=2))
+    else:
+        print(markdown(comparison), end="")
 
 
 def main(argv=None):

@@ -273,38 +273,37 @@ def compare(specs, metrics=None):
             differences[key] = [{"label": run.label, "run_dir": run.run_dir, "value": value}
                                 for run, value in zip(runs, values, strict=True)]
 
+    # Each group's runs, and each run's evaluations by step, looked up once.
+    groups = {label: [run for run in runs if run.label == label] for label in labels}
+    by_step = {id(run): {e["step"]: e for e in run.evaluations} for run in runs}
     curves = {}
     best = {}
     for metric in metrics:
         steps = sorted({e["step"] for run in runs for e in run.evaluations
                         if e.get(metric) is not None})
-        rows = []
-        for step in steps:
-            row = {"step": step}
-            for label in labels:
-                row[label] = _summary([e.get(metric) for run in runs if run.label == label
-                                       for e in run.evaluations if e["step"] == step])
-            rows.append(row)
-        curves[metric] = rows
+        curves[metric] = [
+            {"step": step, **{label: _summary([by_step[id(run)].get(step, {}).get(metric)
+                                               for run in group])
+                              for label, group in groups.items()}}
+            for step in steps
+        ]
         if metric == "elapsed_minutes":  # a clock, not a score: no best
             continue
         choose = max if higher_is_better(metric) else min
         best[metric] = {}
-        for label in labels:
-            bests = []
-            for run in (r for r in runs if r.label == label):
-                scored = [e for e in run.evaluations if e.get(metric) is not None]
-                if scored:
-                    bests.append(choose(scored, key=lambda e: e[metric]))
+        for label, group in groups.items():
+            bests = [choose(scored, key=lambda e: e[metric]) for scored in
+                     ([e for e in run.evaluations if e.get(metric) is not None] for run in group)
+                     if scored]
             summary = _summary([e[metric] for e in bests])
             if summary is not None:
                 summary["steps"] = [e["step"] for e in bests]
             best[metric][label] = summary
 
-    finals = [(run.label, _final_values(run)) for run in runs]
-    final_keys = list(dict.fromkeys(key for _, values in finals for key in values))
-    final = {key: {label: _summary([v.get(key) for lab, v in finals if lab == label])
-                   for label in labels} for key in final_keys}
+    finals = {id(run): _final_values(run) for run in runs}
+    final_keys = list(dict.fromkeys(key for values in finals.values() for key in values))
+    final = {key: {label: _summary([finals[id(run)].get(key) for run in group])
+                   for label, group in groups.items()} for key in final_keys}
     return {
         "labels": labels,
         "runs": [{"label": run.label, "run_dir": run.run_dir} for run in runs],
@@ -339,38 +338,39 @@ def markdown(comparison):
     labels = comparison["labels"]
     size = {label: sum(r["label"] == label for r in comparison["runs"]) for label in labels}
     out = ["Runs: " + ", ".join(f"{r['label']} = `{r['run_dir']}`" for r in comparison["runs"])]
+    def row(name, cell):
+        return [name] + [cell(label) for label in labels]
+
     if comparison["differences"]:
         out += ["", "## Configuration differences", ""]
-        rows = []
-        for key, values in comparison["differences"].items():
-            cells = []
-            for label in labels:
-                seen = list(dict.fromkeys(
-                    v["value"] if v["value"] == _ABSENT else json.dumps(v["value"])
-                    for v in values if v["label"] == label))
-                cells.append(" / ".join(seen))
-            rows.append([f"`{key}`"] + cells)
-        out += _table(["key"] + labels, rows)
+        out += _table(["key"] + labels, [
+            row(f"`{key}`", lambda label, values=values: " / ".join(dict.fromkeys(
+                v["value"] if v["value"] == _ABSENT else json.dumps(v["value"])
+                for v in values if v["label"] == label)))
+            for key, values in comparison["differences"].items()
+        ])
     for metric, rows in comparison["curves"].items():
         out += ["", f"## {metric} by step", ""]
-        out += _table(["step"] + labels,
-                      [[f"{row['step']:,}"] + [_cell(row[label], size[label]) for label in labels]
-                       for row in rows])
+        out += _table(["step"] + labels, [
+            row(f"{r['step']:,}", lambda label, r=r: _cell(r[label], size[label])) for r in rows
+        ])
     if comparison["best"]:
         out += ["", "## Best evaluation (step)", ""]
-        rows = []
-        for metric, by_label in comparison["best"].items():
-            cells = []
-            for label in labels:
-                summary = by_label[label]
-                cells.append("" if summary is None else
-                             f"{_cell(summary, size[label])} ({', '.join(f'{s:,}' for s in summary['steps'])})")
-            rows.append([metric] + cells)
-        out += _table([""] + labels, rows)
+
+        def best_cell(summary, label):
+            if summary is None:
+                return ""
+            return f"{_cell(summary, size[label])} ({', '.join(f'{s:,}' for s in summary['steps'])})"
+
+        out += _table([""] + labels, [
+            row(metric, lambda label, by=by_label: best_cell(by[label], label))
+            for metric, by_label in comparison["best"].items()
+        ])
     if comparison["final"]:
         out += ["", "## Final (results.json)", ""]
-        out += _table([""] + labels,
-                      [[key] + [_cell(by_label[label], size[label], 0 if key == "steps" else 2)
-                                for label in labels]
-                       for key, by_label in comparison["final"].items()])
+        out += _table([""] + labels, [
+            row(key, lambda label, by=by_label, d=0 if key == "steps" else 2:
+                _cell(by[label], size[label], d))
+            for key, by_label in comparison["final"].items()
+        ])
     return "\n".join(out) + "\n"
