@@ -10,6 +10,8 @@ Shared by `lm_train` and `translate_train`:
   pipeline's validation, history, checkpoints, TensorBoard, routing, time
   limit), in the order they must run;
 - `fit_and_save`: `model.fit` in evaluation-long epochs, then `model.keras`;
+- `ContinuedTensorBoard`: Keras's TensorBoard callback whose batch curves
+  go on from a resumed run's step instead of starting again at 1;
 - `TrainingClock`: the run's training time, counted across resumes and
   continuations, logged as `elapsed_minutes`, and its limit;
 - `HistoryLogger`: `history.csv`, one row per evaluation, columns kept
@@ -123,7 +125,7 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
             save_best_only=True,
         ),
         *extra,
-        keras.callbacks.TensorBoard(log_dir, update_freq=train.monitor_every_n_steps),
+        ContinuedTensorBoard(log_dir, update_freq=train.monitor_every_n_steps),
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))
@@ -268,6 +270,31 @@ class TrainingClock(keras.callbacks.Callback):
         _write_atomically(
             self.path, json.dumps({str(k): v for k, v in sorted(self.noted.items())})
         )
+
+
+class ContinuedTensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` whose `batch_*` steps go on after a resume.
+
+    Keras numbers batch summaries from 1 in every `fit` call, so a run that
+    `BackupAndRestore` resumed at step 1,000 drew its next `batch_loss`
+    values at steps 1, 2, ... on top of the first sitting's curve
+    (keras-team/keras#9546). This callback starts the count at the
+    optimizer's step instead, as `RoutingMonitor` does. The `epoch_*`
+    summaries need nothing: they are numbered by epoch, which the backup
+    restores. Everything else is Keras's callback unchanged.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._continued = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self._continued:
+            # Here, not at train begin: by the first batch the backup (and
+            # with it the optimizer's step) has been restored.
+            self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+            self._continued = True
+        super().on_train_batch_begin(batch, logs)
 
 
 class HistoryLogger(keras.callbacks.Callback):

@@ -335,6 +335,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
     finally:
         if process.poll() is None:
             process.kill()
+    killed_at = time.time()
     assert not (run_dir / "model.keras").exists()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -345,3 +346,14 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
     # Every evaluation once: the resumed run went on after what was backed up
     # instead of starting again at epoch 0.
     assert sorted(epochs) == sorted(set(epochs)) and epochs[-1] == 3, epochs
+    # TensorBoard, read back with its own reader: the resumed sitting drew
+    # its batch losses at steps 11-40 (it resumed from the step-10 backup),
+    # not again at 1-30 over the first sitting's curve.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        str(run_dir / "tensorboard" / "train"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    resumed = [e.step for e in acc.Tensors("batch_loss") if e.wall_time > killed_at]
+    assert resumed == list(range(11, 41)), resumed
