@@ -30,9 +30,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Test worker processes: one per core, at most 4 (each holds its own
+# TensorFlow, about 1-2 GiB). Whole files go to one worker, so module-scoped
+# fixtures are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow tests

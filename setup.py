@@ -33,6 +33,9 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            # Most tests spend their time tracing graphs in one Python
+            # thread; two worker processes keep both cores busy.
+            "pytest-xdist>=3.5",
             "ruff",
             # The TFDS lm1b reader is tested on a dataset prepared locally;
             # TFDS 4.9 needs importlib-resources without declaring it
