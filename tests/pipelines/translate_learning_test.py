@@ -9,18 +9,12 @@ longest single test, beside the end-to-end tests that share a trained run.
 import pytest
 
 from keras_moe.pipelines import translate_train
-from tests.pipelines.translate_train_test import tiny_config, write_pairs
+from tests.pipelines.translate_train_test import tiny_config, write_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    # The same corpus as translate_train_test.py's (same sizes and seeds).
-    return {
-        "train": write_pairs(tmp_path, "train", 400, 0),
-        "valid": write_pairs(tmp_path, "valid", 24, 1),
-        "test": write_pairs(tmp_path, "test", 16, 2),
-        "dir": tmp_path,
-    }
+    return write_corpus(tmp_path)
 
 
 def test_the_model_learns_the_substitution(corpus, tmp_path):

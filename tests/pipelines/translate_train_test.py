@@ -43,15 +43,19 @@ def write_pairs(directory, name, count, seed, min_words=2, max_words=7):
     return paths
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    base = tmp_path_factory.mktemp("corpus")
+def write_corpus(base):
+    """Train, valid and test pairs in `base` (sizes and seeds fixed)."""
     return {
         "train": write_pairs(base, "train", 400, 0),
         "valid": write_pairs(base, "valid", 24, 1),
         "test": write_pairs(base, "test", 16, 2),
         "dir": base,
     }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 TINY = [
