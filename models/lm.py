@@ -6,6 +6,7 @@ import tensorflow as tf
 from keras_moe.models.blocks import (
     check_groups,
     check_moe_activation,
+    check_moe_output_scale,
     feed_forward_block,
     moe_block,
     moe_output,
@@ -62,6 +63,9 @@ class LanguageModel(keras.Model):
         moe_activation: `"sigmoid"` (the paper's: an MoE block's output
             passes through a sigmoid before its dropout) or `"linear"` (no
             activation, as the `"ffn"` block; an ablation of that choice).
+        moe_output_scale: float > 0, multiplies each MoE output before
+            `moe_activation` (1.0, the paper's; `k` gives the block a dense
+            layer's step size under Adam, see `blocks.moe_output`).
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).
@@ -117,6 +121,7 @@ class LanguageModel(keras.Model):
         seed=None,
         name="language_model",
         moe_activation="sigmoid",
+        moe_output_scale=1.0,
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -136,6 +141,7 @@ class LanguageModel(keras.Model):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
         check_moe_activation(moe_activation)
+        check_moe_output_scale(moe_output_scale)
         units = lstm_units or model_dim
         if lstm_projection is None and units != model_dim:
             raise ValueError(
@@ -170,6 +176,7 @@ class LanguageModel(keras.Model):
         self.ffn_hidden_dim = ffn_hidden_dim
         self.dropout = float(dropout)
         self.moe_activation = moe_activation
+        self.moe_output_scale = float(moe_output_scale)
         self.num_sampled = num_sampled
         self.unroll = bool(unroll)
         if not isinstance(expert_parallel, bool):
@@ -244,7 +251,7 @@ class LanguageModel(keras.Model):
             else:
                 y = layer(x, training=training, mask=mask)
             if block == "moe":
-                y = moe_output(y, self.moe_activation)
+                y = moe_output(y, self.moe_activation, self.moe_output_scale)
             x = dropout(y, training=training) + x
         out = x if return_hidden else self.softmax(x)
         return (out, routings) if return_routing else out
@@ -300,6 +307,7 @@ class LanguageModel(keras.Model):
             "ffn_hidden_dim": self.ffn_hidden_dim,
             "dropout": self.dropout,
             "moe_activation": self.moe_activation,
+            "moe_output_scale": self.moe_output_scale,
             "num_sampled": self.num_sampled,
             "unroll": self.unroll,
             "expert_parallel": self.expert_parallel,

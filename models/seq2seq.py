@@ -7,6 +7,7 @@ from keras_moe.models.attention import ATTENTION_TYPES, make_attention
 from keras_moe.models.blocks import (
     check_groups,
     check_moe_activation,
+    check_moe_output_scale,
     feed_forward_block,
     moe_block,
     moe_output,
@@ -89,6 +90,9 @@ class TranslationModel(keras.Model):
         moe_activation: `"sigmoid"` (the paper's, on each MoE output before
             its dropout) or `"linear"` (none, as the `"ffn"` block; an
             ablation).
+        moe_output_scale: float > 0, multiplies each MoE output before
+            `moe_activation` (1.0, the paper's; `k` gives the block a dense
+            layer's step size under Adam, see `blocks.moe_output`).
         expert_parallel: bool; the MoE layers' `expert_parallel` (see
             `keras_moe.MoE`): under a `MirroredStrategy` of `R` replicas
             each replica holds `num_experts / R` experts, and the model runs
@@ -144,6 +148,7 @@ class TranslationModel(keras.Model):
         seed=None,
         name="translation_model",
         moe_activation="sigmoid",
+        moe_output_scale=1.0,
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -192,6 +197,7 @@ class TranslationModel(keras.Model):
         if middle_block == "moe":
             check_groups(num_experts, num_groups)
         check_moe_activation(moe_activation)
+        check_moe_output_scale(moe_output_scale)
         self.vocab_size = vocab_size
         self.model_dim = model_dim
         self.lstm_units = lstm_units
@@ -212,6 +218,7 @@ class TranslationModel(keras.Model):
         self.upper_context = upper_context
         self.dropout = float(dropout)
         self.moe_activation = moe_activation
+        self.moe_output_scale = float(moe_output_scale)
         self.expert_parallel = expert_parallel
         self.seed = seed
 
@@ -330,7 +337,7 @@ class TranslationModel(keras.Model):
             y = layer(x, training=training, mask=mask)
         else:
             y, routings[layer.name] = layer(x, training=training, mask=mask, return_routing=True)
-        return self._residual(moe_output(y, self.moe_activation), x, training)
+        return self._residual(moe_output(y, self.moe_activation, self.moe_output_scale), x, training)
 
     # ----- decoder -------------------------------------------------------
 
@@ -447,6 +454,7 @@ class TranslationModel(keras.Model):
             "upper_context": self.upper_context,
             "dropout": self.dropout,
             "moe_activation": self.moe_activation,
+            "moe_output_scale": self.moe_output_scale,
             "expert_parallel": self.expert_parallel,
             "seed": self.seed,
             "name": self.name,

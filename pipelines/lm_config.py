@@ -123,6 +123,7 @@ class ModelConfig(PresetOverrides):
     ffn_hidden_dim: int | None = None
     dropout: float | None = None
     moe_activation: str | None = None
+    moe_output_scale: float | None = None
     num_sampled: int | None = None
     unroll: bool | None = None
 

@@ -150,6 +150,7 @@ class ModelConfig(PresetOverrides):
     upper_context: bool | None = None
     dropout: float | None = None
     moe_activation: str | None = None
+    moe_output_scale: float | None = None
 
 
 @dataclasses.dataclass

@@ -156,17 +156,19 @@ def test_invalid_moe_arguments_are_named():
         moe_lstm_language_model(V, model_dim=D, num_experts=2, expert_hidden_dim=H, k=3)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "linear"])
-def test_hidden_state_is_the_residual_stack_by_hand(activation):
-    # App. C.1 without dropout: x1 = e + lstm_1(e); x2 = x1 + sigmoid(moe(x1))
-    # (or x1 + moe(x1) for the "linear" ablation); x3 = x2 + lstm_2(x2).
+@pytest.mark.parametrize("activation, scale", [("sigmoid", 1.0), ("linear", 1.0),
+                                               ("linear", 4.0), ("sigmoid", 0.5)])
+def test_hidden_state_is_the_residual_stack_by_hand(activation, scale):
+    # App. C.1 without dropout: x1 = e + lstm_1(e); x2 = x1 + sigmoid(s * moe(x1))
+    # (or x1 + s * moe(x1) for the "linear" ablation; s = moe_output_scale,
+    # the paper's 1); x3 = x2 + lstm_2(x2).
     model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
-                          moe_activation=activation)
+                          moe_activation=activation, moe_output_scale=scale)
     randomize_gating(model)
     mask = TOKENS != 0
     x = model.get_layer("embedding")(TOKENS)
     x = x + model.get_layer("lstm_1")(x, mask=mask)
-    y = np.asarray(model.get_layer("moe")(x, mask=mask))
+    y = scale * np.asarray(model.get_layer("moe")(x, mask=mask))
     x = x + (1.0 / (1.0 + np.exp(-y)) if activation == "sigmoid" else y)
     x = x + model.get_layer("lstm_2")(x, mask=mask)
     hidden = model(TOKENS, training=False, return_hidden=True)
@@ -180,3 +182,14 @@ def test_moe_activation_round_trips_and_bad_values_are_named():
     with pytest.raises(ValueError, match="moe_activation.*'relu'"):
         LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
                       moe_activation="relu")
+
+
+def test_moe_output_scale_round_trips_and_bad_values_are_named():
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
+                          moe_output_scale=4)
+    clone = LanguageModel.from_config(model.get_config())
+    assert clone.moe_output_scale == 4.0 and clone.get_config() == model.get_config()
+    for bad in (0, -1.5, float("inf"), float("nan"), False, "4", None):
+        with pytest.raises(ValueError, match=f"moe_output_scale.*Received: moe_output_scale={bad!r}"):
+            LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
+                          moe_output_scale=bad)

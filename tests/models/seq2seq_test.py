@@ -119,15 +119,20 @@ def test_attention_sums_to_one_over_real_source_positions_and_is_zero_on_padding
     assert_allclose(first, [[0.2] * 5, [1 / 3] * 3 + [0, 0]], atol=1e-7)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "linear"])
-def test_forward_pass_follows_the_paper_wiring(activation):
+@pytest.mark.parametrize("activation, scale", [("sigmoid", 1.0), ("linear", 1.0),
+                                               ("linear", 3.0), ("sigmoid", 0.5)])
+def test_forward_pass_follows_the_paper_wiring(activation, scale):
     # The architecture restated with the model's own layers (inference, so
     # no dropout): residuals around every LSTM and MoE, a sigmoid on the MoE
-    # output (none for the "linear" ablation), the bottom decoder LSTM
-    # reading [embedding; context] with the context queried by its previous
-    # output, and the upper LSTM reading [x; context].
-    model = tiny(moe_activation=activation)
-    act = tf.sigmoid if activation == "sigmoid" else tf.identity
+    # output (none for the "linear" ablation) after `moe_output_scale`, the
+    # bottom decoder LSTM reading [embedding; context] with the context
+    # queried by its previous output, and the upper LSTM reading [x; context].
+    model = tiny(moe_activation=activation, moe_output_scale=scale)
+    f = tf.sigmoid if activation == "sigmoid" else tf.identity
+
+    def act(y):
+        return f(scale * y)
+
     source_mask, target_mask = SOURCE != 0, TARGET != 0
     x = model.embedding(SOURCE)
     x = x + model.get_layer("encoder_lstm_1")(x, mask=source_mask)
@@ -226,13 +231,14 @@ def test_save_and_reload_keras_file(tmp_path):
 
 
 def test_config_round_trip():
-    model = tiny("hierarchical", dropout=0.25, capacity_factor=2.0, moe_activation="linear")
+    model = tiny("hierarchical", dropout=0.25, capacity_factor=2.0, moe_activation="linear",
+                 moe_output_scale=2)
     config = model.get_config()
     clone = TranslationModel.from_config(config)
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
-    assert (clone.num_groups, clone.dropout, clone.capacity_factor, clone.moe_activation) == (
-        2, 0.25, 2.0, "linear")
+    assert (clone.num_groups, clone.dropout, clone.capacity_factor, clone.moe_activation,
+            clone.moe_output_scale) == (2, 0.25, 2.0, "linear", 2.0)
     clone.set_weights(model.get_weights())
     assert_allclose(np.asarray(clone((SOURCE, TARGET))), np.asarray(model((SOURCE, TARGET))),
                     atol=1e-6)
@@ -269,6 +275,10 @@ def test_decoding_a_model_uses_the_step_api():
         (dict(bidirectional_encoder="yes"), "Received: bidirectional_encoder='yes'"),
         (dict(dropout=1.0), "Received: dropout=1.0"),
         (dict(moe_activation="relu"), "Received: moe_activation='relu'"),
+        (dict(moe_output_scale=0), "Received: moe_output_scale=0"),
+        (dict(moe_output_scale=-2.0), "Received: moe_output_scale=-2.0"),
+        (dict(moe_output_scale=True), "Received: moe_output_scale=True"),
+        (dict(moe_output_scale="4"), "Received: moe_output_scale='4'"),
         (dict(num_experts=6, num_groups=4), "num_experts=6, num_groups=4"),
         (dict(num_experts=4, k=5), "Received: k=5"),
         (dict(middle_block="ffn", k=0), "Received: k=0"),
