@@ -64,8 +64,9 @@ class LanguageModel(keras.Model):
             passes through a sigmoid before its dropout) or `"linear"` (no
             activation, as the `"ffn"` block; an ablation of that choice).
         moe_output_scale: float > 0, multiplies each MoE output before
-            `moe_activation` (1.0, the paper's; `k` gives the block a dense
-            layer's step size under Adam, see `blocks.moe_output`).
+            `moe_activation` (1.0, the paper's; `k` takes the gates' `1/k`
+            out of the block's step size under Adam, see
+            `blocks.moe_output`).
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).

@@ -91,8 +91,9 @@ class TranslationModel(keras.Model):
             its dropout) or `"linear"` (none, as the `"ffn"` block; an
             ablation).
         moe_output_scale: float > 0, multiplies each MoE output before
-            `moe_activation` (1.0, the paper's; `k` gives the block a dense
-            layer's step size under Adam, see `blocks.moe_output`).
+            `moe_activation` (1.0, the paper's; `k` takes the gates' `1/k`
+            out of the block's step size under Adam, see
+            `blocks.moe_output`).
         expert_parallel: bool; the MoE layers' `expert_parallel` (see
             `keras_moe.MoE`): under a `MirroredStrategy` of `R` replicas
             each replica holds `num_experts / R` experts, and the model runs
