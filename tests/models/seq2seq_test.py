@@ -181,9 +181,12 @@ def test_balancing_losses_and_routing_metrics_come_from_both_moe_layers():
     assert len(model.losses) == 0
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_teacher_forced_logits_equal_step_by_step_decoding(config):
-    model = tiny(config)
+def test_teacher_forced_logits_equal_step_by_step_decoding(config, scale):
+    # With `moe_output_scale`, too: decoding steps scale the MoE output as
+    # the teacher-forced pass does (the wiring test checks the latter).
+    model = tiny(config, moe_output_scale=scale)
     logits, extras = model((SOURCE, TARGET), return_attention=True)
     encoded = model.encode(SOURCE)
     assert tuple(encoded["memory"].shape) == (2, 5, D)
