@@ -1,5 +1,7 @@
 """Argument checks shared by the layers and models (Keras's "Received: ..." style)."""
 
+import math
+
 
 def check_int(name, value, minimum=1, allow_none=False):
     """Raise `ValueError` naming `name` unless `value` is an int >= `minimum`.
@@ -25,4 +27,30 @@ def check_int(name, value, minimum=1, allow_none=False):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = f"None or an integer >= {minimum}" if allow_none else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
+
+
+def check_number(name, value, minimum=0, inclusive=False):
+    """Raise `ValueError` naming `name` unless `value` is a finite number above `minimum`.
+
+    Booleans are refused, as in `check_int`; so are inf and nan.
+
+    Args:
+        name: the argument's name, as the caller spells it.
+        value: the value received.
+        minimum: the bound.
+        inclusive: whether `value == minimum` is allowed.
+
+    Example:
+
+    >>> check_number("scale", 4.0)
+    >>> check_number("alpha", 0.0, inclusive=True)
+    >>> check_number("scale", float("inf"))
+    Traceback (most recent call last):
+    ...
+    ValueError: `scale` must be a finite number > 0. Received: scale=inf
+    """
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad or not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        kind = f"a finite number {'>=' if inclusive else '>'} {minimum}"
         raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")

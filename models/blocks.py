@@ -4,11 +4,10 @@
 copy here keeps the two models' MoE and compute-matched dense blocks alike.
 """
 
-import math
-
 import keras
 
 import keras_moe
+from keras_moe.validation import check_number
 
 MOE_ACTIVATIONS = ("sigmoid", "linear")
 
@@ -34,12 +33,7 @@ def check_moe_output_scale(moe_output_scale):
 
     >>> check_moe_output_scale(4.0)
     """
-    if (isinstance(moe_output_scale, bool) or not isinstance(moe_output_scale, (int, float))
-            or not 0 < moe_output_scale < math.inf):
-        raise ValueError(
-            "`moe_output_scale` must be a finite number > 0. "
-            f"Received: moe_output_scale={moe_output_scale!r}"
-        )
+    check_number("moe_output_scale", moe_output_scale)
 
 
 def moe_output(y, moe_activation, moe_output_scale=1.0):

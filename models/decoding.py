@@ -46,7 +46,7 @@ import math
 
 import tensorflow as tf
 
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_number
 
 
 def length_penalty(length, alpha):
@@ -82,12 +82,9 @@ def _check(bos_id, eos_id, max_length_ratio, min_extra, beam_width=1, alpha=0.0,
     check_int("eos_id", eos_id, 1)
     check_int("min_extra", min_extra, 0)
     check_int("beam_width", beam_width, 1)
-    for name, value, low in (("max_length_ratio", max_length_ratio, None), ("alpha", alpha, 0.0),
-                             ("beta", beta, 0.0)):
-        bad = isinstance(value, bool) or not isinstance(value, (int, float))
-        if bad or not math.isfinite(value) or (value <= 0 if low is None else value < low):
-            need = "a number > 0" if low is None else "a number >= 0"
-            raise ValueError(f"`{name}` must be {need}. Received: {name}={value!r}")
+    check_number("max_length_ratio", max_length_ratio)
+    check_number("alpha", alpha, inclusive=True)
+    check_number("beta", beta, inclusive=True)
 
 
 def _step_function(model_or_step_fn, source_ids, initial_state, repeats):

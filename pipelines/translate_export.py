@@ -56,7 +56,6 @@ translate(["Hello, world!"])  # ['Hallo, Welt!']
 
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -67,7 +66,7 @@ import tensorflow as tf
 
 from keras_moe.models.decoding import beam_search, greedy_decode
 from keras_moe.pipelines.wordpiece import JOINER, WordPieceVocabulary
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_number
 
 SETTINGS_FILENAME = "translator.json"
 FORMAT_VERSION = 1
@@ -130,9 +129,9 @@ def export_translator(model, vocabulary, export_dir, *, beam_width=4, alpha=0.6,
     check_int("beam_width", beam_width, 1)
     check_int("min_extra", min_extra, 0)
     check_int("max_source_pieces", max_source_pieces, 1)
-    _check_number("alpha", alpha, positive=False)
-    _check_number("beta", beta, positive=False)
-    _check_number("max_length_ratio", max_length_ratio, positive=True)
+    check_number("alpha", alpha, inclusive=True)
+    check_number("beta", beta, inclusive=True)
+    check_number("max_length_ratio", max_length_ratio)
     export_dir = os.fspath(export_dir)
     _check_free(export_dir)
 
@@ -301,13 +300,6 @@ class _TranslatorGraph:
         text = tf.where(joins | tf.equal(position, 0), text, tf.strings.join([" ", text]))
         translations = tf.strings.unsorted_segment_join(text, rows, pieces.nrows())
         return {"translations": translations}
-
-
-def _check_number(name, value, positive):
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        need = "a finite number > 0" if positive else "a finite number >= 0"
-        raise ValueError(f"`{name}` must be {need}. Received: {name}={value!r}")
 
 
 def _check_free(export_dir):
