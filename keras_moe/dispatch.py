@@ -42,7 +42,7 @@ def partitioned_apply(rows, group_index, num_groups, fn):
     return tf.dynamic_stitch(part_positions, outputs)
 
 
-def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens):
+def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens, training=False):
     """Every pair reaches its expert; compute follows the number of pairs.
 
     Rows are grouped by expert with `tf.dynamic_partition`, each expert runs
@@ -56,13 +56,15 @@ def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens):
         gate: float `[P]`.
         experts: a `FeedForwardExperts`.
         num_tokens: `N` (int or scalar tensor).
+        training: bool, passed to the experts (their dropout).
 
     Returns:
         `[N, out]`: `y_t = sum over pairs (t, e, g) of g * E_e(x_t)`.
     """
     routed = tf.gather(x, token_index)
     answers = partitioned_apply(
-        routed, expert_index, experts.num_experts, experts.apply_partitioned
+        routed, expert_index, experts.num_experts,
+        lambda parts: experts.apply_partitioned(parts, training=training),
     )
     weighted = answers * tf.cast(gate, answers.dtype)[:, None]
     return tf.math.unsorted_segment_sum(weighted, token_index, num_tokens)
@@ -110,7 +112,7 @@ def capacity_positions(expert_index, valid, num_experts, priority):
 
 def capacity_dispatch(
     x, token_index, expert_index, gate, experts, num_tokens, capacity_factor,
-    valid=None, priority=None,
+    valid=None, priority=None, training=False,
 ):
     """Static-capacity dispatch; overflow pairs are dropped.
 
@@ -125,6 +127,7 @@ def capacity_dispatch(
             computed nor counted as dropped.
         priority: optional int32 `[P]`, queue priority (see
             `capacity_positions`).
+        training: bool, passed to the experts (their dropout).
 
     Returns:
         `(y [N, out], dropped_fraction)`, the fraction of valid pairs that
@@ -138,7 +141,8 @@ def capacity_dispatch(
     if priority is None:
         priority = tf.zeros_like(expert_index)
     y, keep = _buffered_dispatch(
-        x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority
+        x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority,
+        training,
     )
     num_valid = tf.reduce_sum(tf.cast(valid, tf.float32))
     num_dropped = num_valid - tf.reduce_sum(tf.cast(keep, tf.float32))
@@ -146,7 +150,8 @@ def capacity_dispatch(
 
 
 def _buffered_dispatch(
-    x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority
+    x, token_index, expert_index, gate, experts, num_tokens, capacity, valid, priority,
+    training,
 ):
     """Run experts on an `[E, capacity, d]` buffer; returns `(y, keep)`."""
     num_experts = experts.num_experts
@@ -160,7 +165,7 @@ def _buffered_dispatch(
     routed = tf.gather(x, token_index)
     buffer = tf.math.unsorted_segment_sum(routed, slot, num_slots + 1)[:num_slots]
     buffer = tf.reshape(buffer, [num_experts, capacity, d])
-    answers = experts(buffer)
+    answers = experts(buffer, training=training)
     out = answers.shape[-1]
     answers = tf.reshape(answers, [num_slots, out])
     answers = tf.concat([answers, tf.zeros([1, out], answers.dtype)], axis=0)

@@ -249,7 +249,7 @@ def _dense_gradient(value):
 
 def expert_parallel_dispatch(
     x, token_index, expert_index, gate, experts, num_tokens, capacity_factor=None,
-    valid=None, priority=None,
+    valid=None, priority=None, training=False,
 ):
     """Route this replica's pairs to the replicas holding their experts and back.
 
@@ -272,6 +272,7 @@ def expert_parallel_dispatch(
             all replicas; overflow pairs are dropped.
         valid: optional bool `[P]` (capacity mode: masked pairs).
         priority: optional int32 `[P]` queue priority (capacity mode).
+        training: bool, passed to the experts (their dropout).
 
     Returns:
         `(y [N, out], dropped_fraction, exchanged)`: `exchanged` is the
@@ -344,14 +345,15 @@ def expert_parallel_dispatch(
     local_expert = tf.gather(expert_all, chosen) - first
     if capacity_factor is None:
         answers = dispatch.partitioned_apply(
-            rows, local_expert, local_experts, experts.apply_partitioned
+            rows, local_expert, local_experts,
+            lambda parts: experts.apply_partitioned(parts, training=training),
         )
     else:
         # The static [E_r, C, d] buffer, as `capacity_dispatch` builds it.
         slot = local_expert * capacity + tf.gather(position, chosen)
         buffer = tf.math.unsorted_segment_sum(rows, slot, local_experts * capacity)
         buffer = tf.reshape(buffer, [local_experts, capacity, x.shape[-1]])
-        out = experts(buffer)
+        out = experts(buffer, training=training)
         answers = tf.gather(tf.reshape(out, [local_experts * capacity, out.shape[-1]]), slot)
     weighted = answers * tf.cast(tf.gather(values["gate"], chosen), answers.dtype)[:, None]
     partial = tf.math.unsorted_segment_sum(

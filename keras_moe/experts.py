@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import expert_parallel as ep
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_rate
 
 
 def _per_expert_glorot(fan_in, fan_out, seed):
@@ -47,6 +47,13 @@ class FeedForwardExperts(keras.layers.Layer):
         use_bias: bool.
         seed: optional int seed of the initializers.
         num_hidden_layers: int >= 1, `L`, hidden layers of width `h` per expert.
+        dropout: float in [0, 1) (default 0), dropout on every hidden
+            layer's activations in training: Switch Transformer's "expert
+            dropout" (Fedus et al. 2021, "Regularizing large sparse models"): it
+            regularises the
+            experts' extra parameters when the data are small. Applied
+            after the activation, as `keras.layers.Dropout` would be
+            (inverted: kept units are scaled by `1 / (1 - dropout)`).
         expert_parallel: bool. Built under a `MirroredStrategy` of `R > 1`
             replicas, each replica then holds `E / R` experts (variables of
             shape `[E / R, ...]`, replica `r`'s component holding experts
@@ -58,6 +65,7 @@ class FeedForwardExperts(keras.layers.Layer):
 
     Call arguments:
         inputs: `[E, C, d]`.
+        training: bool; `dropout` applies only in training.
 
     Returns:
         `[E, C, output_dim]`.
@@ -82,9 +90,18 @@ class FeedForwardExperts(keras.layers.Layer):
         seed=None,
         num_hidden_layers=1,
         expert_parallel=False,
+        dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_rate("dropout", dropout)
+        self.dropout = float(dropout)
+        # Only a layer with dropout gets a seed generator, so a layer without
+        # keeps exactly the state (and saved files) it had before.
+        self.seed_generator = None
+        if self.dropout:
+            seed4 = None if seed is None else seed + 3
+            self.seed_generator = keras.random.SeedGenerator(seed4)
         if not isinstance(expert_parallel, bool):
             raise ValueError(
                 f"`expert_parallel` must be a bool. Received: expert_parallel={expert_parallel!r}"
@@ -178,27 +195,35 @@ class FeedForwardExperts(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
 
-    def call(self, inputs):
+    def _activate(self, hidden, training):
+        hidden = self.activation(hidden)
+        if training and self.dropout:
+            hidden = keras.random.dropout(hidden, self.dropout, seed=self.seed_generator)
+        return hidden
+
+    def call(self, inputs, training=None):
+        training = bool(training)
         x = tf.cast(inputs, self.compute_dtype)
         hidden = tf.einsum("ecd,edh->ech", x, self._cast(self.w_in))
         if self.use_bias:
             hidden += self._cast(self.b_in)[:, None, :]
-        hidden = self.activation(hidden)
+        hidden = self._activate(hidden, training)
         for layer in range(self.num_hidden_layers - 1):
             hidden = tf.einsum("ech,ehk->eck", hidden, self._cast(self.w_hidden[:, layer]))
             if self.use_bias:
                 hidden += self._cast(self.b_hidden[:, layer])[:, None, :]
-            hidden = self.activation(hidden)
+            hidden = self._activate(hidden, training)
         y = tf.einsum("ech,eho->eco", hidden, self._cast(self.w_out))
         if self.use_bias:
             y += self._cast(self.b_out)[:, None, :]
         return y
 
-    def apply_partitioned(self, parts):
+    def apply_partitioned(self, parts, training=False):
         """Run expert `e` on `parts[e]` (`[n_e, d]`) for every `e`.
 
         Args:
             parts: list of `E` tensors `[n_e, d]`.
+            training: bool; `dropout` applies only in training.
 
         Returns:
             list of `E` tensors `[n_e, output_dim]`.
@@ -224,12 +249,12 @@ class FeedForwardExperts(keras.layers.Layer):
             hidden = tf.matmul(tf.cast(rows, self.compute_dtype), w_in[e])
             if self.use_bias:
                 hidden = tf.nn.bias_add(hidden, b_in[e])
-            hidden = self.activation(hidden)
+            hidden = self._activate(hidden, training)
             for layer in range(e * extra, (e + 1) * extra):
                 hidden = tf.matmul(hidden, w_hidden[layer])
                 if self.use_bias:
                     hidden = tf.nn.bias_add(hidden, b_hidden[layer])
-                hidden = self.activation(hidden)
+                hidden = self._activate(hidden, training)
             y = tf.matmul(hidden, w_out[e])
             if self.use_bias:
                 y = tf.nn.bias_add(y, b_out[e])
@@ -249,5 +274,6 @@ class FeedForwardExperts(keras.layers.Layer):
             "seed": self.seed,
             "num_hidden_layers": self.num_hidden_layers,
             "expert_parallel": self.expert_parallel,
+            "dropout": self.dropout,
         }
         return {**super().get_config(), **config}

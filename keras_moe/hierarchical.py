@@ -230,7 +230,7 @@ class HierarchicalMoE(SparseMoEBase):
         gating: `"noisy_top_k"` or `"top_k"`.
         importance_weight, load_weight, noise_epsilon, capacity_factor,
         expert_activation, use_bias, seed, balancing_scope,
-        expert_hidden_layers, expert_parallel: as for `MoE` (expert
+        expert_hidden_layers, expert_parallel, expert_dropout: as for `MoE` (expert
             parallelism splits the `num_groups * experts_per_group` experts
             evenly over the replicas).
         **kwargs: base `Layer` arguments.
@@ -269,6 +269,7 @@ class HierarchicalMoE(SparseMoEBase):
         balancing_scope="global",
         expert_hidden_layers=1,
         expert_parallel=False,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -280,7 +281,7 @@ class HierarchicalMoE(SparseMoEBase):
             num_groups * experts_per_group, expert_hidden_dim, output_dim, gating,
             importance_weight, load_weight, noise_epsilon, capacity_factor,
             expert_activation, use_bias, seed, balancing_scope, expert_hidden_layers,
-            expert_parallel,
+            expert_parallel, expert_dropout,
         )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group

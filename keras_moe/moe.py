@@ -14,7 +14,7 @@ from keras_moe.routing import (
     routing_statistics,
     update_routing_metrics,
 )
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_rate
 
 
 def validate_capacity_factor(capacity_factor):
@@ -51,6 +51,7 @@ class SparseMoEBase(keras.layers.Layer):
         self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
         load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
         balancing_scope="global", expert_hidden_layers=1, expert_parallel=False,
+        expert_dropout=0.0,
     ):
         """Validate and store the arguments both layers share; create the experts."""
         if balancing_scope not in ("global", "replica"):
@@ -61,6 +62,7 @@ class SparseMoEBase(keras.layers.Layer):
         self.balancing_scope = balancing_scope
         check_int("expert_hidden_dim", expert_hidden_dim)
         check_int("expert_hidden_layers", expert_hidden_layers)
+        check_rate("expert_dropout", expert_dropout)
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
         self.expert_hidden_layers = expert_hidden_layers
@@ -83,9 +85,10 @@ class SparseMoEBase(keras.layers.Layer):
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
             seed=seed, num_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
-            dtype=self.dtype_policy, name="experts",
+            dropout=expert_dropout, dtype=self.dtype_policy, name="experts",
         )
         self.expert_parallel = expert_parallel
+        self.expert_dropout = self.experts.dropout
 
     def _base_config(self):
         return {
@@ -102,6 +105,7 @@ class SparseMoEBase(keras.layers.Layer):
             "seed": self.seed,
             "balancing_scope": self.balancing_scope,
             "expert_parallel": self.expert_parallel,
+            "expert_dropout": self.expert_dropout,
         }
 
     def build(self, input_shape):
@@ -150,12 +154,12 @@ class SparseMoEBase(keras.layers.Layer):
             y, dropped, exchanged = ep.expert_parallel_dispatch(
                 tokens, decision.token_index, decision.expert_index, decision.gate,
                 self.experts, num_routed, self.capacity_factor, valid=valid,
-                priority=self._pair_priority(decision),
+                priority=self._pair_priority(decision), training=training,
             )
         elif self.capacity_factor is None:
             y = dispatch.dropless_dispatch(
                 tokens, decision.token_index, decision.expert_index, decision.gate,
-                self.experts, num_routed,
+                self.experts, num_routed, training=training,
             )
             dropped = tf.zeros([], tf.float32)
         else:
@@ -165,7 +169,7 @@ class SparseMoEBase(keras.layers.Layer):
             y, dropped = dispatch.capacity_dispatch(
                 tokens, decision.token_index, decision.expert_index, decision.gate,
                 self.experts, num_routed, self.capacity_factor,
-                valid=valid, priority=self._pair_priority(decision),
+                valid=valid, priority=self._pair_priority(decision), training=training,
             )
         if kept is not None:
             y = _scatter_rows(y, kept, num_tokens, 0.0)
@@ -344,11 +348,15 @@ class MoE(SparseMoEBase):
             and tokens travel to their experts' replica and back (Section
             3.1; see `keras_moe.expert_parallel`). `num_experts` must be
             divisible by `R`. The gate stays data parallel.
+        expert_dropout: float in [0, 1) (default 0), dropout on the experts'
+            hidden activations in training (Switch Transformer's expert
+            dropout; see `keras_moe.FeedForwardExperts`).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: `[..., d]`.
-        training: bool; noise and balancing losses apply only in training.
+        training: bool; noise, balancing losses and `expert_dropout`
+            apply only in training.
         mask: optional bool `[...]` (a Keras mask is passed automatically).
         return_routing: bool; if True, return `(y, routing)`.
 
@@ -382,6 +390,7 @@ class MoE(SparseMoEBase):
         balancing_scope="global",
         expert_hidden_layers=1,
         expert_parallel=False,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -394,7 +403,7 @@ class MoE(SparseMoEBase):
         self._init_base(
             num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
             load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-            balancing_scope, expert_hidden_layers, expert_parallel,
+            balancing_scope, expert_hidden_layers, expert_parallel, expert_dropout,
         )
         self.k = k
         self.threshold_weight = float(threshold_weight)

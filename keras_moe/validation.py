@@ -54,3 +54,19 @@ def check_number(name, value, minimum=0, inclusive=False):
     if bad or not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
         kind = f"a finite number {'>=' if inclusive else '>'} {minimum}"
         raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
+
+
+def check_rate(name, value):
+    """Raise `ValueError` naming `name` unless `value` is a number in [0, 1) (a dropout rate).
+
+    Example:
+
+    >>> check_rate("dropout", 0.3)
+    >>> check_rate("dropout", 1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `dropout` must be a number in [0, 1). Received: dropout=1.0
+    """
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")

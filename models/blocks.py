@@ -104,18 +104,23 @@ def moe_block(num_experts, num_groups, k, name, **moe_kwargs):
     return keras_moe.MoE(num_experts, k=k, name=name, **moe_kwargs)
 
 
-def feed_forward_block(hidden_dim, output_dim, name):
+def feed_forward_block(hidden_dim, output_dim, name, dropout=0.0, seed=None):
     """Dense `relu(x W_in + b_in) W_out + b_out`: the compute-matched baseline block.
+
+    With `dropout > 0`, dropout on the hidden layer in training, as the MoE
+    block's `expert_dropout` puts it on its experts' hidden layers (the
+    dense block is the MoE's experts merged into one).
 
     Example:
 
     >>> feed_forward_block(16, 4, "ffn").get_layer("ffn_in").units
     16
+    >>> [layer.name for layer in feed_forward_block(16, 4, "ffn", dropout=0.3).layers]
+    ['ffn_in', 'ffn_dropout', 'ffn_out']
     """
-    return keras.Sequential(
-        [
-            keras.layers.Dense(hidden_dim, activation="relu", name="ffn_in"),
-            keras.layers.Dense(output_dim, name="ffn_out"),
-        ],
-        name=name,
-    )
+    layers = [keras.layers.Dense(hidden_dim, activation="relu", name="ffn_in")]
+    if dropout:
+        # A Sequential passes `training` on to its Dropout.
+        layers.append(keras.layers.Dropout(dropout, seed=seed, name="ffn_dropout"))
+    layers.append(keras.layers.Dense(output_dim, name="ffn_out"))
+    return keras.Sequential(layers, name=name)

@@ -13,7 +13,7 @@ from keras_moe.models.blocks import (
 )
 from keras_moe.models.lstmp import ProjectedLSTM
 from keras_moe.models.softmax import SoftmaxOutput
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_rate
 
 BLOCK_TYPES = ("lstm", "moe", "ffn")
 
@@ -67,6 +67,11 @@ class LanguageModel(keras.Model):
             `moe_activation` (1.0, the paper's; `k` takes the gates' `1/k`
             out of the block's step size under Adam, see
             `blocks.moe_output`).
+        expert_dropout: float in [0, 1) (default 0), dropout on the hidden
+            units of every MoE expert (Switch Transformer's expert dropout;
+            see `keras_moe.FeedForwardExperts`) and, so that the
+            compute-matched baseline is regularised alike, of every `"ffn"`
+            block.
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).
@@ -123,6 +128,7 @@ class LanguageModel(keras.Model):
         name="language_model",
         moe_activation="sigmoid",
         moe_output_scale=1.0,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -139,8 +145,8 @@ class LanguageModel(keras.Model):
                 f"`blocks` must be a non-empty sequence of {', '.join(map(repr, BLOCK_TYPES))}. "
                 f"Received: blocks={blocks!r}"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        check_rate("dropout", dropout)
+        check_rate("expert_dropout", expert_dropout)
         check_moe_activation(moe_activation)
         check_moe_output_scale(moe_output_scale)
         units = lstm_units or model_dim
@@ -178,6 +184,7 @@ class LanguageModel(keras.Model):
         self.dropout = float(dropout)
         self.moe_activation = moe_activation
         self.moe_output_scale = float(moe_output_scale)
+        self.expert_dropout = float(expert_dropout)
         self.num_sampled = num_sampled
         self.unroll = bool(unroll)
         if not isinstance(expert_parallel, bool):
@@ -217,13 +224,16 @@ class LanguageModel(keras.Model):
             )
         if block == "ffn":
             hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
-            return feed_forward_block(hidden, self.model_dim, name)
+            return feed_forward_block(
+                hidden, self.model_dim, name, dropout=self.expert_dropout, seed=self.seed
+            )
         return moe_block(
             self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
             expert_parallel=self.expert_parallel, seed=self.seed,
+            expert_dropout=self.expert_dropout,
         )
 
     def build(self, input_shape=(None, None)):
@@ -309,6 +319,7 @@ class LanguageModel(keras.Model):
             "dropout": self.dropout,
             "moe_activation": self.moe_activation,
             "moe_output_scale": self.moe_output_scale,
+            "expert_dropout": self.expert_dropout,
             "num_sampled": self.num_sampled,
             "unroll": self.unroll,
             "expert_parallel": self.expert_parallel,

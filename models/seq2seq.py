@@ -14,7 +14,7 @@ from keras_moe.models.blocks import (
 )
 from keras_moe.models.lstmp import ProjectedLSTM, ProjectedLSTMCell
 from keras_moe.models.softmax import SoftmaxOutput
-from keras_moe.validation import check_int
+from keras_moe.validation import check_int, check_rate
 
 MIDDLE_BLOCKS = ("moe", "ffn", "none")
 
@@ -94,6 +94,11 @@ class TranslationModel(keras.Model):
             `moe_activation` (1.0, the paper's; `k` takes the gates' `1/k`
             out of the block's step size under Adam, see
             `blocks.moe_output`).
+        expert_dropout: float in [0, 1) (default 0), dropout on the hidden
+            units of every MoE expert (Switch Transformer's expert dropout;
+            see `keras_moe.FeedForwardExperts`) and, so that the
+            compute-matched baseline is regularised alike, of every `"ffn"`
+            block.
         expert_parallel: bool; the MoE layers' `expert_parallel` (see
             `keras_moe.MoE`): under a `MirroredStrategy` of `R` replicas
             each replica holds `num_experts / R` experts, and the model runs
@@ -150,6 +155,7 @@ class TranslationModel(keras.Model):
         name="translation_model",
         moe_activation="sigmoid",
         moe_output_scale=1.0,
+        expert_dropout=0.0,
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -177,8 +183,8 @@ class TranslationModel(keras.Model):
                 f"`attention` must be one of {', '.join(map(repr, ATTENTION_TYPES))}. "
                 f"Received: attention={attention!r}"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
+        check_rate("dropout", dropout)
+        check_rate("expert_dropout", expert_dropout)
         if lstm_projection is None and lstm_units not in (None, model_dim):
             raise ValueError(
                 "`lstm_units` must equal `model_dim` unless `lstm_projection` is set (the "
@@ -220,6 +226,7 @@ class TranslationModel(keras.Model):
         self.dropout = float(dropout)
         self.moe_activation = moe_activation
         self.moe_output_scale = float(moe_output_scale)
+        self.expert_dropout = float(expert_dropout)
         self.expert_parallel = expert_parallel
         self.seed = seed
 
@@ -277,12 +284,15 @@ class TranslationModel(keras.Model):
             return None
         if self.middle_block == "ffn":
             hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
-            return feed_forward_block(hidden, self.model_dim, name)
+            return feed_forward_block(
+                hidden, self.model_dim, name, dropout=self.expert_dropout, seed=seed
+            )
         return moe_block(
             self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_parallel=self.expert_parallel, seed=seed,
+            expert_dropout=self.expert_dropout,
         )
 
     def build(self, input_shape=None):
@@ -456,6 +466,7 @@ class TranslationModel(keras.Model):
             "dropout": self.dropout,
             "moe_activation": self.moe_activation,
             "moe_output_scale": self.moe_output_scale,
+            "expert_dropout": self.expert_dropout,
             "expert_parallel": self.expert_parallel,
             "seed": self.seed,
             "name": self.name,

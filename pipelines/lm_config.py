@@ -124,6 +124,7 @@ class ModelConfig(PresetOverrides):
     dropout: float | None = None
     moe_activation: str | None = None
     moe_output_scale: float | None = None
+    expert_dropout: float | None = None
     num_sampled: int | None = None
     unroll: bool | None = None
 

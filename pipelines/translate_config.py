@@ -151,6 +151,7 @@ class ModelConfig(PresetOverrides):
     dropout: float | None = None
     moe_activation: str | None = None
     moe_output_scale: float | None = None
+    expert_dropout: float | None = None
 
 
 @dataclasses.dataclass

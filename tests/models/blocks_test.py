@@ -55,3 +55,22 @@ def test_an_adam_step_moves_the_moe_block_k_times_less_unless_scaled(d, h, k):
             change = _first_adam_step_change(block, moe.experts.trainable_variables, x,
                                              direction)
             assert dense_change / change == pytest.approx(predicted / scale, rel=0.1)
+
+
+def test_dense_block_hidden_dropout_drops_or_scales_each_hidden_unit():
+    # Identity weights and positive inputs: each output element is its
+    # hidden unit, so it is 0 (dropped) or x / (1 - p) (kept), and about
+    # 1 - p of them are kept (four binomial standard deviations).
+    rate, width = 0.3, 4
+    block = feed_forward_block(width, width, "ffn", dropout=rate, seed=1)
+    block.build((None, width))
+    for name in ("ffn_in", "ffn_out"):
+        block.get_layer(name).kernel.assign(np.eye(width, dtype=np.float32))
+    x = np.random.default_rng(0).uniform(0.5, 1.5, size=(5000, width)).astype(np.float32)
+    np.testing.assert_allclose(block(x, training=False), x, rtol=1e-6)
+    y = np.asarray(block(x, training=True))
+    dropped = y == 0.0
+    np.testing.assert_allclose(y[~dropped], x[~dropped] / (1 - rate), rtol=1e-5)
+    kept = 1 - dropped.mean()
+    assert abs(kept - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / x.size)
+    assert [layer.name for layer in feed_forward_block(4, 4, "ffn").layers] == ["ffn_in", "ffn_out"]

@@ -184,6 +184,34 @@ def test_moe_activation_round_trips_and_bad_values_are_named():
                       moe_activation="relu")
 
 
+@pytest.mark.parametrize("block", ["moe", "ffn"])
+def test_expert_dropout_reaches_the_middle_block_and_only_in_training(block):
+    # The MoE's experts get it, and so does the dense twin's hidden layer.
+    args = dict(model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3, dropout=0.0,
+                blocks=("lstm", block, "lstm"))
+    model = LanguageModel(V, expert_dropout=0.5, **args)
+    plain = LanguageModel(V, **args)
+    plain.set_weights(model.get_weights())
+    if block == "moe":
+        randomize_gating(model)
+        randomize_gating(plain)
+        assert model.get_layer("moe").experts.dropout == 0.5
+    else:
+        assert model.get_layer("ffn").get_layer("ffn_dropout").rate == 0.5
+    clone = LanguageModel.from_config(model.get_config())
+    assert clone.expert_dropout == 0.5 and clone.get_config() == model.get_config()
+    # Inference: exactly the model without it. Training (model dropout 0,
+    # gating noise aside): only the expert dropout makes the outputs differ.
+    assert_allclose(np.asarray(model(TOKENS, training=False)),
+                    np.asarray(plain(TOKENS, training=False)), rtol=1e-6, atol=1e-6)
+    gap = np.abs(np.asarray(model(TOKENS, training=True, return_hidden=True))
+                 - np.asarray(plain(TOKENS, training=True, return_hidden=True)))
+    assert gap.max() > 1e-3
+    for bad in (-0.1, 1.0, True, "0.3", None):
+        with pytest.raises(ValueError, match=f"expert_dropout.*Received: expert_dropout={bad!r}"):
+            LanguageModel(V, expert_dropout=bad, **args)
+
+
 def test_moe_output_scale_round_trips_and_bad_values_are_named():
     model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
                           moe_output_scale=4)

@@ -235,13 +235,14 @@ def test_save_and_reload_keras_file(tmp_path):
 
 def test_config_round_trip():
     model = tiny("hierarchical", dropout=0.25, capacity_factor=2.0, moe_activation="linear",
-                 moe_output_scale=2)
+                 moe_output_scale=2, expert_dropout=0.2)
     config = model.get_config()
     clone = TranslationModel.from_config(config)
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
     assert (clone.num_groups, clone.dropout, clone.capacity_factor, clone.moe_activation,
-            clone.moe_output_scale) == (2, 0.25, 2.0, "linear", 2.0)
+            clone.moe_output_scale, clone.expert_dropout) == (2, 0.25, 2.0, "linear", 2.0, 0.2)
+    assert clone.get_layer("encoder_moe").experts.dropout == 0.2
     clone.set_weights(model.get_weights())
     assert_allclose(np.asarray(clone((SOURCE, TARGET))), np.asarray(model((SOURCE, TARGET))),
                     atol=1e-6)
@@ -282,6 +283,8 @@ def test_decoding_a_model_uses_the_step_api():
         (dict(moe_output_scale=-2.0), "Received: moe_output_scale=-2.0"),
         (dict(moe_output_scale=True), "Received: moe_output_scale=True"),
         (dict(moe_output_scale="4"), "Received: moe_output_scale='4'"),
+        (dict(expert_dropout=1.0), "Received: expert_dropout=1.0"),
+        (dict(expert_dropout=-0.2), "Received: expert_dropout=-0.2"),
         (dict(num_experts=6, num_groups=4), "num_experts=6, num_groups=4"),
         (dict(num_experts=4, k=5), "Received: k=5"),
         (dict(middle_block="ffn", k=0), "Received: k=0"),

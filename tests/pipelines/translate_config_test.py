@@ -84,3 +84,20 @@ def test_shipped_configs_load(path):
     cls = TranslateConfig if translation else LMConfig
     config = config_lib.load_config(cls, path)
     assert config.train.steps > 0
+
+
+@pytest.mark.parametrize("preset, layer", [("cpu-gnmt-moe-16", "encoder_moe"),
+                                           ("cpu-gnmt-dense", "encoder_ffn")])
+def test_expert_dropout_override_reaches_the_model(preset, layer):
+    from keras_moe.pipelines import translate_train
+
+    config = config_lib.load_config(
+        TranslateConfig, None, [f"model.preset={preset}", "model.expert_dropout=0.3",
+                                "model.model_dim=8", "model.expert_hidden_dim=4"])
+    model = translate_train.build_model(config, vocab_size=20, compile=False)
+    assert model.expert_dropout == 0.3
+    block = model.get_layer(layer)
+    rate = block.experts.dropout if preset.endswith("16") else block.get_layer("ffn_dropout").rate
+    assert rate == 0.3
+    with pytest.raises(config_lib.ConfigError, match="expert_dropout"):
+        config_lib.load_config(TranslateConfig, None, ["model.expert_dropout=high"])
