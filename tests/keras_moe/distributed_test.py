@@ -106,3 +106,13 @@ def test_expert_parallel_bad_configurations_are_named(report):
     assert "replica count 4" in errors["not_divisible"]
     assert "expert parallel over 4 replicas" in errors["cross_replica_call"]
     assert "moe_x/experts" in errors["cross_replica_call"]
+
+
+def test_expert_dropout_on_expert_parallel_replicas(report):
+    # Each replica drops its own experts' hidden units in training only:
+    # inference equals one device's, training draws differ, and their mean
+    # over 300 draws is the inference output (inverted dropout is unbiased).
+    check = report["ep_expert_dropout"]
+    assert check["inference_vs_one_device"] < 1e-5, check
+    assert check["spread"] > 0.1, check
+    assert check["z"] < 5.0, check

@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
+from keras_moe import dispatch
 from tests.keras_moe.hierarchical_test import make_hmoe
 from tests.keras_moe.hierarchical_test import reference_for as hierarchical_reference_for
 from tests.keras_moe.moe_test import make_moe, reference_for
@@ -70,6 +71,28 @@ def test_partitioned_call_drops_or_scales_each_hidden_unit(layers):
     )
     for y, x in zip(experts.apply_partitioned(parts), parts, strict=True):
         np.testing.assert_allclose(y, x, rtol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+def test_dispatch_functions_pass_training_to_the_experts(capacity_factor):
+    # Called directly (outside a layer's call, so no Keras call context
+    # supplies `training`): every token to expert `t % E` with gate 1.
+    rate = 0.3
+    experts = identity_experts(rate)
+    n = 3000
+    x = np.random.default_rng(5).uniform(0.5, 1.5, size=(n, W)).astype(np.float32)
+    tokens = tf.range(n, dtype=tf.int32)
+    args = (x, tokens, tokens % E, tf.ones([n]), experts, n)
+
+    def run(training):
+        if capacity_factor is None:
+            return dispatch.dropless_dispatch(*args, training=training)
+        y, dropped = dispatch.capacity_dispatch(*args, capacity_factor, training=training)
+        assert float(dropped) == 0.0
+        return y
+
+    np.testing.assert_allclose(run(False), x, rtol=1e-6)
+    check_dropped_or_scaled(run(True), x, 1 - rate)
 
 
 def test_no_dropout_adds_no_state():

@@ -30,20 +30,20 @@ from keras_moe import expert_parallel as ep  # noqa: E402
 D, N = 6, 32  # N tokens in the global batch, N / REPLICAS per replica
 
 
-def make_layer(kind, scope, expert_parallel=False):
+def make_layer(kind, scope, expert_parallel=False, expert_dropout=0.0):
     """`flat`: MoE(8 experts, k=2); `cap`: the same with capacity_factor 1 (drops
     pairs); `hier`: HierarchicalMoE(4 groups x 3 experts, 2 x 2)."""
     if kind in ("flat", "cap"):
         layer = keras_moe.MoE(
             8, 12, k=2, gating="top_k", importance_weight=0.5, load_weight=0.5,
             balancing_scope=scope, seed=1, name="moe", expert_parallel=expert_parallel,
-            capacity_factor=1.0 if kind == "cap" else None,
+            capacity_factor=1.0 if kind == "cap" else None, expert_dropout=expert_dropout,
         )
     else:
         layer = keras_moe.HierarchicalMoE(
             4, 3, 12, k_primary=2, k_secondary=2, gating="top_k", importance_weight=0.5,
             load_weight=0.5, balancing_scope=scope, seed=1, name="moe",
-            expert_parallel=expert_parallel,
+            expert_parallel=expert_parallel, expert_dropout=expert_dropout,
         )
     layer.build((None, D))
     rng = np.random.RandomState(7)
@@ -230,6 +230,38 @@ def expert_parallel_checks(mirrored, one_device, x, t, r, report):
     except ValueError as error:
         errors["cross_replica_call"] = str(error)
     report["ep_errors"] = errors
+    report["ep_expert_dropout"] = expert_dropout_check(mirrored, x[:N])
+
+
+def expert_dropout_check(strategy, x, draws=300):
+    """Expert dropout on 4 expert-parallel replicas.
+
+    Inference equals one device's layer (same weights); training calls
+    differ from each other, and, the output being linear in each expert's
+    hidden units, their mean is the inference output (largest z-score).
+    """
+    with strategy.scope():
+        layer = make_layer("flat", "global", True, expert_dropout=0.5)
+    one = make_layer("flat", "global", False, expert_dropout=0.5)
+    shard = N // REPLICAS
+    xs = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(x[ctx.replica_id_in_sync_group * shard:][:shard])
+    )
+
+    def gather(result):
+        return np.concatenate([t.numpy() for t in strategy.experimental_local_results(result)])
+
+    train = tf.function(lambda v: strategy.run(lambda x_r: layer(x_r, training=True), args=(v,)))
+    infer = tf.function(lambda v: strategy.run(lambda x_r: layer(x_r, training=False), args=(v,)))
+    expected = gather(infer(xs)).astype(np.float64)
+    samples = np.stack([gather(train(xs)) for _ in range(draws)]).astype(np.float64)
+    std = samples.std(0, ddof=1)
+    z = np.abs(samples.mean(0) - expected) / np.maximum(std / np.sqrt(draws), 1e-12)
+    return {
+        "inference_vs_one_device": float(np.max(np.abs(expected - one(x, training=False).numpy()))),
+        "spread": float(std.max()),
+        "z": float(z.max()),
+    }
 
 
 def main():
