@@ -49,11 +49,11 @@ class FeedForwardExperts(keras.layers.Layer):
         num_hidden_layers: int >= 1, `L`, hidden layers of width `h` per expert.
         dropout: float in [0, 1) (default 0), dropout on every hidden
             layer's activations in training: Switch Transformer's "expert
-            dropout" (Fedus et al. 2021, "Regularizing large sparse models"): it
-            regularises the
-            experts' extra parameters when the data are small. Applied
-            after the activation, as `keras.layers.Dropout` would be
-            (inverted: kept units are scaled by `1 / (1 - dropout)`).
+            dropout" (Fedus et al. 2021, "Regularizing large sparse
+            models"), which regularises the experts' extra parameters when
+            the data are small. Applied after the activation and inverted,
+            as `keras.layers.Dropout` is: kept units are scaled by
+            `1 / (1 - dropout)`.
         expert_parallel: bool. Built under a `MirroredStrategy` of `R > 1`
             replicas, each replica then holds `E / R` experts (variables of
             shape `[E / R, ...]`, replica `r`'s component holding experts

@@ -197,42 +197,53 @@ class LanguageModel(keras.Model):
         self.embedding = keras.layers.Embedding(
             vocab_size, model_dim, mask_zero=True, name="embedding"
         )
-        self.embedding_dropout = keras.layers.Dropout(dropout, seed=seed, name="embedding_dropout")
+        # Every dropout site and every block gets its own seed: Dropout
+        # layers built with one seed draw the same mask at every call, which
+        # would drop the same units of the residual stream at every site, and
+        # blocks of one shape would start with equal weights.
+        self.embedding_dropout = keras.layers.Dropout(
+            dropout, seed=self._seed(0, 50), name="embedding_dropout"
+        )
         self.block_layers = []
         self.block_dropouts = []
         names = _block_names(blocks)
-        for block, block_name in zip(blocks, names, strict=True):
-            self.block_layers.append(self._make_block(block, block_name))
+        for index, (block, block_name) in enumerate(zip(blocks, names, strict=True)):
+            self.block_layers.append(self._make_block(block, block_name, self._seed(index + 1)))
             self.block_dropouts.append(
-                keras.layers.Dropout(dropout, seed=seed, name=f"{block_name}_dropout")
+                keras.layers.Dropout(
+                    dropout, seed=self._seed(index + 1, 50), name=f"{block_name}_dropout"
+                )
             )
         self.softmax = SoftmaxOutput(vocab_size, num_sampled=num_sampled, seed=seed, name="softmax")
         # Weights exist from construction on, as in a functional model, so that
         # `count_params`, checkpoint restores and weight surgery work at once.
         self.build((None, None))
 
-    def _make_block(self, block, name):
+    def _seed(self, block, offset=0):
+        return None if self.seed is None else self.seed + 100 * block + offset
+
+    def _make_block(self, block, name, seed):
         if block == "lstm":
             if self.lstm_projection:
                 return ProjectedLSTM(
                     self.lstm_units or self.model_dim, self.lstm_projection,
-                    unroll=self.unroll, seed=self.seed, name=name,
+                    unroll=self.unroll, seed=seed, name=name,
                 )
             return keras.layers.LSTM(
-                self.model_dim, return_sequences=True, unroll=self.unroll, seed=self.seed,
+                self.model_dim, return_sequences=True, unroll=self.unroll, seed=seed,
                 name=name,
             )
         if block == "ffn":
             hidden = self.ffn_hidden_dim or self.k * self.expert_hidden_dim
             return feed_forward_block(
-                hidden, self.model_dim, name, dropout=self.expert_dropout, seed=self.seed
+                hidden, self.model_dim, name, dropout=self.expert_dropout, seed=seed
             )
         return moe_block(
             self.num_experts, self.num_groups, self.k, name,
             expert_hidden_dim=self.expert_hidden_dim, gating=self.gating,
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
-            expert_parallel=self.expert_parallel, seed=self.seed,
+            expert_parallel=self.expert_parallel, seed=seed,
             expert_dropout=self.expert_dropout,
         )
 

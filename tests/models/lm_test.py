@@ -212,6 +212,25 @@ def test_expert_dropout_reaches_the_middle_block_and_only_in_training(block):
             LanguageModel(V, expert_dropout=bad, **args)
 
 
+def test_dropout_sites_draw_independent_masks_and_blocks_start_apart():
+    # With a seed, every dropout site has its own: at rate 0.5 two sites'
+    # masks agree on about half the units (they agreed on all of them when
+    # every site was built with the same seed), and two projected LSTMs of
+    # the same shape start with different weights.
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
+                          dropout=0.5, lstm_units=12, lstm_projection=D)
+    ones = np.ones((8, 7, D), np.float32)
+    sites = [model.embedding_dropout, *model.block_dropouts]
+    masks = [np.asarray(site(ones, training=True)) > 0 for site in sites]
+    for i in range(len(masks)):
+        for j in range(i):
+            agreement = (masks[i] == masks[j]).mean()
+            # 448 units: four binomial standard deviations of 0.5 are 0.095.
+            assert abs(agreement - 0.5) < 0.095, (i, j, agreement)
+    first, second = model.get_layer("lstm_1"), model.get_layer("lstm_2")
+    assert not np.allclose(np.asarray(first.weights[0]), np.asarray(second.weights[0]))
+
+
 def test_moe_output_scale_round_trips_and_bad_values_are_named():
     model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
                           moe_output_scale=4)
