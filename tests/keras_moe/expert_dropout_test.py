@@ -102,10 +102,19 @@ def test_no_dropout_adds_no_state():
     assert keras_moe.FeedForwardExperts(E, W, dropout=0.1).seed_generator is not None
 
 
-def monte_carlo_mean(layer, x, draws):
+def check_unbiased(layer, x, expected, draws=400):
+    """Inference is the reference; the mean of `draws` training calls is too.
+
+    The largest z-score of the mean over the output elements stays under 5,
+    and the draws do differ (dropout is on).
+    """
+    np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5, atol=1e-5)
     fn = tf.function(lambda v: layer(v, training=True))
     samples = np.stack([fn(x).numpy() for _ in range(draws)]).astype(np.float64)
-    return samples.mean(0), samples.std(0, ddof=1)
+    std = samples.std(0, ddof=1)
+    assert std.max() > 0.1
+    z = np.abs(samples.mean(0) - expected) / (std / np.sqrt(draws))
+    assert z.max() < 5.0, z.max()
 
 
 @pytest.mark.parametrize(
@@ -117,28 +126,14 @@ def test_moe_training_mean_is_the_reference_without_dropout(kwargs):
     rng = np.random.default_rng(2)
     layer = make_moe(rng=rng, gating="top_k", expert_dropout=0.5, seed=5, **kwargs)
     x = rng.normal(size=(6, 5)).astype(np.float32)
-    expected = reference_for(layer, x)["y"]
-    # Inference: no dropout at all.
-    np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5, atol=1e-5)
-    draws = 400
-    mean, std = monte_carlo_mean(layer, x, draws)
-    # Dropout is on: the draws differ.
-    assert std.max() > 0.1
-    z = np.abs(mean - expected) / (std / np.sqrt(draws))
-    assert z.max() < 5.0, z.max()
+    check_unbiased(layer, x, reference_for(layer, x)["y"])
 
 
 def test_hierarchical_moe_training_mean_is_the_reference_without_dropout():
     rng = np.random.default_rng(3)
     layer = make_hmoe(rng=rng, gating="top_k", expert_dropout=0.3, seed=7)
     x = rng.normal(size=(5, 4)).astype(np.float32)
-    expected = hierarchical_reference_for(layer, x)["y"]
-    np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-5, atol=1e-5)
-    draws = 400
-    mean, std = monte_carlo_mean(layer, x, draws)
-    assert std.max() > 0.1
-    z = np.abs(mean - expected) / (std / np.sqrt(draws))
-    assert z.max() < 5.0, z.max()
+    check_unbiased(layer, x, hierarchical_reference_for(layer, x)["y"])
 
 
 def test_expert_dropout_round_trips_and_bad_values_are_named():
