@@ -80,9 +80,30 @@ def prepare_run_dir(config, run_dir):
     return resumed
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose files are replaced whole, never rewritten in place.
+
+    Keras writes `latest.weights.h5` over the last backup; a run killed
+    during that write leaves a truncated file that the next start cannot
+    open. Here the weights, then the epoch counter, are written next to
+    the backup and moved over it with `os.replace`, so a kill leaves the
+    previous backup whole.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        partial = self._weights_path[: -len(".weights.h5")] + ".partial.weights.h5"
+        self.model.save_weights(filepath=partial, overwrite=True)
+        os.replace(partial, self._weights_path)
+        partial = self._training_metadata_path + ".partial"
+        with open(partial, "w") as f:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+        os.replace(partial, self._training_metadata_path)
+
+
 def backup_and_restore(run_dir):
     """The run's `BackupAndRestore` callback: a killed run resumes from `run_dir/backup`."""
-    return keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"))
+    return AtomicBackupAndRestore(os.path.join(run_dir, "backup"))
 
 
 def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):

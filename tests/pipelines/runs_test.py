@@ -10,6 +10,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 
 from keras_moe.pipelines.runs import HistoryLogger, TrainingClock
 
@@ -126,3 +127,37 @@ def test_history_starts_a_new_file(tmp_path):
     HistoryLogger(str(path)).on_epoch_end(0, {"val_bleu": 1.5, "loss": 3.0, "note": "x"})
     assert read_csv(path) == (["epoch", "loss", "note", "val_bleu"],
                               [{"epoch": "0", "loss": "3.0", "note": "x", "val_bleu": "1.5"}])
+
+
+def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_path):
+    # A kill during the write (here: a truncated file, then an exception)
+    # must leave the last complete backup loadable.
+    import keras
+
+    from keras_moe.pipelines import runs as runs_lib
+
+    def model():
+        built = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        built.compile(optimizer="sgd", loss="mse")
+        return built
+
+    first = model()
+    callback = runs_lib.backup_and_restore(str(tmp_path))
+    callback.set_model(first)
+    callback._current_epoch = 1
+    callback._save_model()
+
+    def dies(filepath, overwrite=True):
+        with open(filepath, "wb") as f:
+            f.write(b"\x89HDF")
+        raise KeyboardInterrupt
+
+    first.save_weights = dies
+    with pytest.raises(KeyboardInterrupt):
+        callback._save_model()
+    second = model()
+    restore = runs_lib.backup_and_restore(str(tmp_path))
+    restore.set_model(second)
+    restore.on_train_begin()
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
