@@ -3,6 +3,11 @@
 import math
 
 
+def _is_number(value):
+    # Python counts booleans as ints; as an argument they are mistakes.
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 def check_int(name, value, minimum=1, allow_none=False):
     """Raise `ValueError` naming `name` unless `value` is an int >= `minimum`.
 
@@ -50,8 +55,7 @@ def check_number(name, value, minimum=0, inclusive=False):
     ...
     ValueError: `scale` must be a finite number > 0. Received: scale=inf
     """
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+    if not _is_number(value) or not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
         kind = f"a finite number {'>=' if inclusive else '>'} {minimum}"
         raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
 
@@ -67,6 +71,5 @@ def check_rate(name, value):
     ...
     ValueError: `dropout` must be a number in [0, 1). Received: dropout=1.0
     """
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")

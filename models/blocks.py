@@ -62,6 +62,23 @@ def moe_output(y, moe_activation, moe_output_scale=1.0):
     return keras.activations.sigmoid(y) if moe_activation == "sigmoid" else y
 
 
+def block_seed(seed, block, offset=0):
+    """The seed of one block of a model, or of one of its dropout sites (None stays None).
+
+    `seed + 100 * block + offset`. Keras layers built with one seed draw
+    the same random numbers: dropout sites would drop the same units at
+    every call, and blocks of one shape would start with equal weights.
+    The MoE layer takes a few seeds above its own (initialisers, noise,
+    expert dropout), well under 50.
+
+    Example:
+
+    >>> block_seed(1, 2), block_seed(1, 2, 50), block_seed(None, 2)
+    (201, 251, None)
+    """
+    return None if seed is None else seed + 100 * block + offset
+
+
 def check_groups(num_experts, num_groups):
     """ValueError unless `num_groups` (0: flat) divides `num_experts`.
 

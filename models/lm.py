@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe.models.blocks import (
+    block_seed,
     check_groups,
     check_moe_activation,
     check_moe_output_scale,
@@ -202,25 +203,25 @@ class LanguageModel(keras.Model):
         # would drop the same units of the residual stream at every site, and
         # blocks of one shape would start with equal weights.
         self.embedding_dropout = keras.layers.Dropout(
-            dropout, seed=self._seed(0, 50), name="embedding_dropout"
+            dropout, seed=block_seed(self.seed, 0, 50), name="embedding_dropout"
         )
         self.block_layers = []
         self.block_dropouts = []
         names = _block_names(blocks)
         for index, (block, block_name) in enumerate(zip(blocks, names, strict=True)):
-            self.block_layers.append(self._make_block(block, block_name, self._seed(index + 1)))
+            self.block_layers.append(
+                self._make_block(block, block_name, block_seed(self.seed, index + 1))
+            )
             self.block_dropouts.append(
                 keras.layers.Dropout(
-                    dropout, seed=self._seed(index + 1, 50), name=f"{block_name}_dropout"
+                    dropout, seed=block_seed(self.seed, index + 1, 50),
+                    name=f"{block_name}_dropout",
                 )
             )
         self.softmax = SoftmaxOutput(vocab_size, num_sampled=num_sampled, seed=seed, name="softmax")
         # Weights exist from construction on, as in a functional model, so that
         # `count_params`, checkpoint restores and weight surgery work at once.
         self.build((None, None))
-
-    def _seed(self, block, offset=0):
-        return None if self.seed is None else self.seed + 100 * block + offset
 
     def _make_block(self, block, name, seed):
         if block == "lstm":

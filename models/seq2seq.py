@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from keras_moe.models.attention import ATTENTION_TYPES, make_attention
 from keras_moe.models.blocks import (
+    block_seed,
     check_groups,
     check_moe_activation,
     check_moe_output_scale,
@@ -243,21 +244,18 @@ class TranslationModel(keras.Model):
         self.encoder_lstm_3 = self._lstm("encoder_lstm_3", 4)
         self.decoder_lstm_1 = self._cell("decoder_lstm_1", 5)
         self.attention = make_attention(
-            attention, attention_units or model_dim, seed=self._seed(6), name="attention"
+            attention, attention_units or model_dim, seed=block_seed(self.seed, 6), name="attention"
         )
         self.decoder_middle = self._middle_layer("decoder", 7)
         self.decoder_lstm_2 = self._lstm("decoder_lstm_2", 8)
-        self.softmax = SoftmaxOutput(vocab_size, seed=self._seed(9), name="softmax")
+        self.softmax = SoftmaxOutput(vocab_size, seed=block_seed(self.seed, 9), name="softmax")
         # Weights exist from construction on, so that `count_params`,
         # checkpoint restores and `encode`/`decode_step` work at once.
         self.build()
 
-    def _seed(self, offset):
-        return None if self.seed is None else self.seed + 100 * offset
-
     def _lstm(self, name, seed_offset, width=None, **kwargs):
         width = width or self.model_dim
-        seed = self._seed(seed_offset)
+        seed = block_seed(self.seed, seed_offset)
         if self.lstm_projection:
             return ProjectedLSTM(self.lstm_units or width, width, seed=seed, name=name, **kwargs)
         return keras.layers.LSTM(width, return_sequences=True, seed=seed, name=name, **kwargs)
@@ -273,13 +271,16 @@ class TranslationModel(keras.Model):
     def _cell(self, name, seed_offset):
         if self.lstm_projection:
             return ProjectedLSTMCell(
-                self.lstm_units or self.model_dim, self.model_dim, seed=self._seed(seed_offset),
+                self.lstm_units or self.model_dim, self.model_dim,
+                seed=block_seed(self.seed, seed_offset),
                 name=name,
             )
-        return keras.layers.LSTMCell(self.model_dim, seed=self._seed(seed_offset), name=name)
+        return keras.layers.LSTMCell(
+            self.model_dim, seed=block_seed(self.seed, seed_offset), name=name
+        )
 
     def _middle_layer(self, side, seed_offset):
-        name, seed = f"{side}_{self.middle_block}", self._seed(seed_offset)
+        name, seed = f"{side}_{self.middle_block}", block_seed(self.seed, seed_offset)
         if self.middle_block == "none":
             return None
         if self.middle_block == "ffn":
