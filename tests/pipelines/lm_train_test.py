@@ -337,6 +337,10 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
             process.kill()
     killed_at = time.time()
     assert not (run_dir / "model.keras").exists()
+    # How many evaluation rounds (10 steps each) the backup holds: at least
+    # the first; more if the run got further before the kill landed.
+    backed_up = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
+    assert 1 <= backed_up < 4, backed_up
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -347,8 +351,9 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
     # instead of starting again at epoch 0.
     assert sorted(epochs) == sorted(set(epochs)) and epochs[-1] == 3, epochs
     # TensorBoard, read back with its own reader: the resumed sitting drew
-    # its batch losses at steps 11-40 (it resumed from the step-10 backup),
-    # not again at 1-30 over the first sitting's curve.
+    # its batch losses from the step after the backup to 40 (11-40 when it
+    # resumed from the step-10 backup), not again from step 1 over the first
+    # sitting's curve.
     from tensorboard.backend.event_processing import event_accumulator
 
     acc = event_accumulator.EventAccumulator(
@@ -356,4 +361,4 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
     )
     acc.Reload()
     resumed = [e.step for e in acc.Tensors("batch_loss") if e.wall_time > killed_at]
-    assert resumed == list(range(11, 41)), resumed
+    assert resumed == list(range(10 * backed_up + 1, 41)), (backed_up, resumed)
