@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.pipelines.runs import HistoryLogger, TrainingClock
+from keras_moe.pipelines.runs import HistoryLogger, TrainingClock, backup_and_restore
 
 SECONDS_PER_BATCH = 10.0
 
@@ -132,17 +132,13 @@ def test_history_starts_a_new_file(tmp_path):
 def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_path):
     # A kill during the write (here: a truncated file, then an exception)
     # must leave the last complete backup loadable.
-    import keras
-
-    from keras_moe.pipelines import runs as runs_lib
-
     def model():
         built = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         built.compile(optimizer="sgd", loss="mse")
         return built
 
     first = model()
-    callback = runs_lib.backup_and_restore(str(tmp_path))
+    callback = backup_and_restore(str(tmp_path))
     callback.set_model(first)
     callback._current_epoch = 1
     callback._save_model()
@@ -156,7 +152,7 @@ def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         callback._save_model()
     second = model()
-    restore = runs_lib.backup_and_restore(str(tmp_path))
+    restore = backup_and_restore(str(tmp_path))
     restore.set_model(second)
     restore.on_train_begin()
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
