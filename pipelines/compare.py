@@ -110,13 +110,18 @@ def _number(text, path, line, column):
 def _steps(history_rows, steps_per_eval, elapsed, final_steps):
     """The optimizer step of each history row.
 
-    Row `i` is the evaluation at the end of epoch `i`, i.e. after
-    `(i + 1) * steps_per_eval` steps, unless the run stopped inside that
-    epoch: then `elapsed.json` (or the final step count) gives the step.
+    A row's own `step` (written by `runs.HistoryLogger` since it has had
+    one) is the step. Older rows: row `i` is the evaluation at the end of
+    epoch `i`, i.e. after `(i + 1) * steps_per_eval` steps, unless the run
+    stopped inside that epoch: then `elapsed.json` (or the final step
+    count) gives the step.
     """
     noted = sorted(int(step) for step in elapsed)
     steps = []
     for row in history_rows:
+        if row.get("step") is not None:
+            steps.append(int(row["step"]))
+            continue
         epoch = int(row["epoch"])
         low, high = epoch * steps_per_eval, (epoch + 1) * steps_per_eval
         inside = [s for s in noted if low < s <= high]
@@ -186,7 +191,7 @@ def read_run(spec):
     steps = _steps(rows, steps_per_eval, elapsed, results.get("steps"))
     evaluations = []
     for row, step in zip(rows, steps, strict=True):
-        row = {k: v for k, v in row.items() if k != "epoch"}
+        row = {k: v for k, v in row.items() if k not in ("epoch", "step")}
         minutes = row.pop("elapsed_minutes", None)
         if minutes is None and str(step) in elapsed:
             minutes = elapsed[str(step)] / 60.0

@@ -4,8 +4,9 @@ Shared by `lm_train` and `translate_train`:
 
 - `prepare_run_dir`: write the resolved `config.yaml` first, or check that a
   resumed run has the same configuration (nothing is deleted or overwritten
-  by a refused run); a finished run asked for more `train.steps` goes on
-  from its last step (`extend_finished_run`);
+  by a refused run); a finished run asked for more `train.steps`, or
+  stopped by its time limit and given a larger one, goes on from its last
+  step (`extend_finished_run`);
 - `run_callbacks`: the callbacks of every run (backup, NaN guard, the
   pipeline's validation, history, checkpoints, TensorBoard, routing, time
   limit), in the order they must run;
@@ -13,7 +14,8 @@ Shared by `lm_train` and `translate_train`:
 - `ContinuedTensorBoard`: Keras's TensorBoard callback whose batch curves
   go on from a resumed run's step instead of starting again at 1;
 - `TrainingClock`: the run's training time, counted across resumes and
-  continuations, logged as `elapsed_minutes`, and its limit;
+  continuations, logged as `elapsed_minutes`, and its limit; `StepLimit`:
+  the end at `train.steps` exactly;
 - `HistoryLogger`: `history.csv`, one row per evaluation, columns kept
   aligned when a resumed run logs other values;
 - `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
@@ -133,6 +135,7 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         # First at an epoch's end: the time is noted before the backup of that
         # step is written, so a resumed run always finds its step's time.
         TrainingClock(run_dir, train.time_limit_minutes),
+        StepLimit(train.steps),
         # Before the others, so that a resumed run has its weights back
         # before anything else runs.
         backup_and_restore(run_dir),
@@ -187,32 +190,54 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
 def extend_finished_run(config, run_dir):
     """Make a finished run resumable, so that training goes on to `config.train.steps`.
 
-    Allowed when `config` equals the run's `config.yaml` except for a larger
-    `train.steps` (and the keys a resumption may change). The finished
-    `model.keras` (weights and optimizer state) becomes the backup that
-    `BackupAndRestore` resumes from, at the evaluation round its step count
-    reached; the learning-rate schedule goes on from the optimizer's step, so
-    the continued run is the longer run. Nothing is lost: the finished run's
-    `model.keras` and `results.json` are kept as `model-step-N.keras` and
+    Allowed when `config` equals the run's `config.yaml` (the keys a
+    resumption may change aside) and asks for more steps than the run made:
+    either a larger `train.steps`, or the same `train.steps` for a run that
+    its `train.time_limit_minutes` stopped short of them, with a larger
+    limit. The finished `model.keras` (weights and optimizer state) becomes
+    the backup that `BackupAndRestore` resumes from, at the evaluation round
+    its step count reached; the learning-rate schedule goes on from the
+    optimizer's step, so the continued run is the longer run. A run stopped
+    inside an evaluation round goes on from its step: its next evaluations
+    come every `train.steps_per_eval` steps from there, and the last round
+    is cut at `train.steps` (`StepLimit`; `history.csv` has each
+    evaluation's `step`). Nothing is lost: the finished run's `model.keras`
+    and `results.json` are kept as `model-step-N.keras` and
     `results-step-N.json` (N its steps), and `history.csv` and TensorBoard
     go on appending. Interrupted after this, the run resumes as any other.
 
     Raises:
         ValueError: naming the run directory, when `config` does not extend
-            the finished run; nothing is changed then.
+            the finished run or its time limit would stop it at once;
+            nothing is changed then.
     """
     path = os.path.join(run_dir, "config.yaml")
     finished = os.path.join(run_dir, "model.keras")
     saved = config_lib.load_config(type(config), path)
     old, new = _comparable(saved), _comparable(config)
     old_steps, new_steps = old["train"].pop("steps"), new["train"].pop("steps")
-    if old != new or new_steps <= old_steps:
-        raise ValueError(
-            f"{run_dir}: holds a finished run (model.keras, train.steps={old_steps}); choose a "
-            "new --run-dir, or continue it with the same configuration and a larger train.steps"
-        )
+    refused = (
+        f"{run_dir}: holds a finished run (model.keras, train.steps={old_steps}{{}}); choose a "
+        "new --run-dir, or continue it with the same configuration and a larger train.steps "
+        "(or, when its time limit stopped it, a larger train.time_limit_minutes)"
+    )
+    if old != new or new_steps < old_steps:
+        raise ValueError(refused.format(""))
+    seconds = TrainingClock.noted_seconds(run_dir)
+    limit = saved.train.time_limit_minutes
+    timed_out = limit is not None and seconds is not None and seconds >= 60.0 * limit
+    if new_steps == old_steps and not timed_out:
+        raise ValueError(refused.format(""))
     model = keras.saving.load_model(finished)
     steps = int(model.optimizer.iterations.numpy())
+    if new_steps <= steps:
+        raise ValueError(refused.format(f", stopped at step {steps}"))
+    new_limit = config.train.time_limit_minutes
+    if new_limit is not None and seconds is not None and seconds >= 60.0 * new_limit:
+        raise ValueError(
+            f"{run_dir}: train.time_limit_minutes={new_limit:g} is spent already (the run has "
+            f"trained {seconds / 60.0:.1f} minutes); raise it to continue the run"
+        )
     backup = backup_and_restore(run_dir).backup_dir
     os.makedirs(backup, exist_ok=True)
     model.save_weights(os.path.join(backup, "latest.weights.h5"), overwrite=True)
@@ -261,13 +286,25 @@ class TrainingClock(keras.callbacks.Callback):
             return 0.0
         return (self.base or 0.0) + self.clock() - self.start
 
+    @staticmethod
+    def read_noted(run_dir):
+        """`run_dir/elapsed.json` as {step: seconds}; empty when there is none."""
+        path = os.path.join(run_dir, "elapsed.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return {int(step): seconds for step, seconds in json.load(f).items()}
+
+    @staticmethod
+    def noted_seconds(run_dir):
+        """The training time noted at the run's last evaluation, or None."""
+        noted = TrainingClock.read_noted(run_dir)
+        return noted[max(noted)] if noted else None
+
     def on_train_begin(self, logs=None):
         self.start = self.clock()
         self.base = None
-        self.noted = {}
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                self.noted = {int(step): seconds for step, seconds in json.load(f).items()}
+        self.noted = self.read_noted(os.path.dirname(self.path))
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.base is None:
@@ -291,6 +328,23 @@ class TrainingClock(keras.callbacks.Callback):
         _write_atomically(
             self.path, json.dumps({str(k): v for k, v in sorted(self.noted.items())})
         )
+
+
+class StepLimit(keras.callbacks.Callback):
+    """Stops training once the optimizer has made `steps` steps.
+
+    `fit` runs whole evaluation rounds, so without it a run continued from
+    a step inside a round (one its time limit stopped) would overrun
+    `train.steps` by the part of a round it had already done.
+    """
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.steps:
+            self.model.stop_training = True
 
 
 class ContinuedTensorBoard(keras.callbacks.TensorBoard):
@@ -319,7 +373,7 @@ class ContinuedTensorBoard(keras.callbacks.TensorBoard):
 
 
 class HistoryLogger(keras.callbacks.Callback):
-    """`history.csv`: the epoch and every logged value, a row per evaluation.
+    """`history.csv`: the epoch, the optimizer's step and every logged value, a row per evaluation.
 
     Appends across resumes like `keras.callbacks.CSVLogger(append=True)`,
     but when a row brings values the file has no column for (a resumed run
@@ -333,7 +387,12 @@ class HistoryLogger(keras.callbacks.Callback):
         self.path = path
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch, **{k: _csv_value(v) for k, v in sorted((logs or {}).items())}}
+        row = {"epoch": epoch}
+        if self.model is not None and getattr(self.model, "optimizer", None) is not None:
+            # The epoch alone does not give the step once a run has gone on
+            # from inside an evaluation round (see `extend_finished_run`).
+            row["step"] = int(self.model.optimizer.iterations.numpy())
+        row.update({k: _csv_value(v) for k, v in sorted((logs or {}).items())})
         header, rows = [], []
         if os.path.exists(self.path):
             with open(self.path, newline="", encoding="utf-8") as f:

@@ -59,6 +59,22 @@ def test_each_row_gets_its_optimizer_step(tmp_path):
     assert [e["elapsed_minutes"] for e in read_run(running).evaluations] == [None] * 3
 
 
+def test_a_step_column_wins_over_the_epoch(tmp_path):
+    # A run stopped by its time limit at step 1,234 (in epoch 2) and continued
+    # from there: the continuation restarts epoch 2, so its evaluations come
+    # 500 steps on (1,734, epoch 2 again) and at its end (2,000, epoch 3),
+    # where the epochs alone would give 1,500 and 2,000. The first row is
+    # older than the `step` column and still gets its step from the epoch.
+    run = write_run(tmp_path / "continued", [], results={"steps": 2000},
+                    elapsed={"500": 60.0, "1000": 120.0, "1234": 150.0, "1734": 210.0})
+    (tmp_path / "continued" / "history.csv").write_text(
+        "epoch,val_bleu,step\n0,5.0,\n1,11.0,1000\n2,14.0,1234\n2,15.0,1734\n3,16.0,2000\n")
+    record = read_run(run)
+    assert [e["step"] for e in record.evaluations] == [500, 1000, 1234, 1734, 2000]
+    assert [e["val_bleu"] for e in record.evaluations] == [5.0, 11.0, 14.0, 15.0, 16.0]
+    assert [e["elapsed_minutes"] for e in record.evaluations] == [1.0, 2.0, 2.5, 3.5, None]
+
+
 def test_history_minutes_win_and_label_defaults_to_directory_name(tmp_path):
     run = write_run(tmp_path / "m30k-moe", [{"val_bleu": 1.0, "elapsed_minutes": 16.5}],
                     elapsed={"500": 60.0})

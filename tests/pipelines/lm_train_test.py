@@ -167,6 +167,39 @@ def test_a_finished_run_goes_on_to_a_larger_train_steps(tmp_path, corpus):
     assert more["elapsed_minutes"] >= round(minutes[-1], 2)
 
 
+def test_a_run_its_time_limit_stopped_goes_on_with_a_larger_limit(tmp_path, corpus):
+    import csv
+
+    run_dir = tmp_path / "run"
+    # 4 steps in rounds of 2; the limit stops the run after its first step,
+    # inside the first round, and the run finishes there (model.keras).
+    timed = ("train.steps=4", "train.steps_per_eval=2")
+    first = lm_train.train(tiny_config(corpus, *timed, "train.time_limit_minutes=0.0001"),
+                           str(run_dir))
+    assert first["steps"] == 1
+    before = {p: (run_dir / p).read_bytes() for p in ("config.yaml", "results.json", "model.keras")}
+    # The same limit would stop it again at once: refused, nothing touched.
+    with pytest.raises(ValueError, match="time_limit_minutes=0.0001 is spent"):
+        lm_train.train(tiny_config(corpus, *timed, "train.time_limit_minutes=0.0001"),
+                       str(run_dir))
+    assert {p: (run_dir / p).read_bytes() for p in before} == before
+
+    more = lm_train.train(tiny_config(corpus, *timed, "train.time_limit_minutes=60"),
+                          str(run_dir))
+    # On from step 1 with its Adam state, to exactly train.steps: evaluated
+    # 2 steps on (step 3), then cut at step 4 instead of running on to 5.
+    assert more["resumed"] is True and more["steps"] == 4
+    assert (run_dir / "model-step-1.keras").read_bytes() == before["model.keras"]
+    with open(run_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(row["epoch"]), int(row["step"])) for row in rows] == [(0, 1), (0, 3), (1, 4)]
+    assert json.loads((run_dir / "elapsed.json").read_text()).keys() == {"1", "3", "4"}
+    # Finished at train.steps, it is refused again with the same settings.
+    with pytest.raises(ValueError, match="finished run.*train.steps=4"):
+        lm_train.train(tiny_config(corpus, *timed, "train.time_limit_minutes=60"),
+                       str(run_dir))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -12,7 +12,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_moe.pipelines.runs import HistoryLogger, TrainingClock, backup_and_restore
+from keras_moe.pipelines.runs import (
+    HistoryLogger,
+    StepLimit,
+    TrainingClock,
+    backup_and_restore,
+)
 
 SECONDS_PER_BATCH = 10.0
 
@@ -157,3 +162,28 @@ def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_pa
     restore.on_train_begin()
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_step_limit_ends_a_run_inside_an_epoch(tmp_path):
+    model = tiny_model()
+    fake = FakeTime()
+    clock = TrainingClock(str(tmp_path), clock=fake)
+    x, y = data()
+    history = model.fit(x, y, batch_size=2, steps_per_epoch=2, epochs=3,
+                        callbacks=[fake, clock, StepLimit(5)], verbose=0)
+    # Steps 1-2, 3-4, then step 5 ends the third epoch early; that epoch is
+    # still evaluated (its end is noted at step 5).
+    assert int(model.optimizer.iterations.numpy()) == 5
+    assert len(history.history["loss"]) == 3
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0, "5": 50.0}
+
+
+def test_history_notes_the_optimizer_step_of_each_row(tmp_path):
+    model = tiny_model()
+    x, y = data()
+    path = tmp_path / "history.csv"
+    model.fit(x, y, batch_size=2, steps_per_epoch=3, epochs=2,
+              callbacks=[HistoryLogger(str(path))], verbose=0)
+    header, rows = read_csv(path)
+    assert header[:2] == ["epoch", "step"]
+    assert [(row["epoch"], row["step"]) for row in rows] == [("0", "3"), ("1", "6")]
