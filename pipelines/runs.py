@@ -99,8 +99,35 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         os.replace(partial, self._weights_path)
         partial = self._training_metadata_path + ".partial"
         with open(partial, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                       "step": int(self.model.optimizer.iterations.numpy())}, f)
         os.replace(partial, self._training_metadata_path)
+
+
+def write_backup(model, run_dir, steps_per_eval):
+    """Make `model` (weights and optimizer) the backup the run resumes from.
+
+    It resumes in the evaluation round of the model's optimizer step, at
+    that step (`resume_step`).
+    """
+    backup = backup_and_restore(run_dir)
+    backup.set_model(model)
+    backup._current_epoch = int(model.optimizer.iterations.numpy()) // steps_per_eval
+    backup._last_batch_seen = 0
+    backup._save_model()
+
+
+def resume_step(run_dir, steps_per_eval):
+    """The optimizer step the run's backup holds (0 without a backup).
+
+    Backups written before the step was noted give it from their epoch.
+    """
+    path = backup_and_restore(run_dir)._training_metadata_path
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    return int(metadata.get("step", metadata["epoch"] * steps_per_eval))
 
 
 def backup_and_restore(run_dir):
@@ -161,7 +188,10 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
 
     One Keras epoch is `train.steps_per_eval` steps, so validation,
     checkpoints and the backup happen at every epoch's end; a resumed run
-    starts again at the epoch its backup recorded.
+    starts again at the epoch its backup recorded, and at the batch of
+    `dataset` it had reached: the batches its backup's steps took are
+    skipped (drawn and dropped: the data order, shuffles included, is
+    that of one uninterrupted run, since `dataset` is seeded).
 
     Returns:
         The `steps`, `train_seconds`, `elapsed_minutes` and `history`
@@ -171,6 +201,9 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
         when `callbacks` hold no `TrainingClock`).
     """
     start = time.time()
+    done = resume_step(run_dir, train.steps_per_eval)
+    if done:
+        dataset = dataset.skip(done)
     history = model.fit(
         dataset, epochs=-(-train.steps // train.steps_per_eval),
         steps_per_epoch=train.steps_per_eval, callbacks=callbacks, verbose=train.verbose,
@@ -238,11 +271,7 @@ def extend_finished_run(config, run_dir):
             f"{run_dir}: train.time_limit_minutes={new_limit:g} is spent already (the run has "
             f"trained {seconds / 60.0:.1f} minutes); raise it to continue the run"
         )
-    backup = backup_and_restore(run_dir).backup_dir
-    os.makedirs(backup, exist_ok=True)
-    model.save_weights(os.path.join(backup, "latest.weights.h5"), overwrite=True)
-    with open(os.path.join(backup, "training_metadata.json"), "w", encoding="utf-8") as f:
-        json.dump({"epoch": steps // config.train.steps_per_eval, "batch": 0}, f)
+    write_backup(model, run_dir, config.train.steps_per_eval)
     config_lib.save_config(config, path)
     # Last: until model.keras is renamed, running the command again redoes the above.
     for name in ("results.json", "model.keras"):

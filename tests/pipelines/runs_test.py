@@ -7,16 +7,21 @@ worked out by hand.
 
 import csv
 import json
+import types
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_moe.pipelines.runs import (
     HistoryLogger,
     StepLimit,
     TrainingClock,
     backup_and_restore,
+    fit_and_save,
+    resume_step,
+    write_backup,
 )
 
 SECONDS_PER_BATCH = 10.0
@@ -187,3 +192,81 @@ def test_history_notes_the_optimizer_step_of_each_row(tmp_path):
     header, rows = read_csv(path)
     assert header[:2] == ["epoch", "step"]
     assert [(row["epoch"], row["step"]) for row in rows] == [("0", "3"), ("1", "6")]
+
+
+class Seen(keras.layers.Layer):
+    """Notes the first input value of every training batch (run eagerly)."""
+
+    def __init__(self, seen, **kwargs):
+        super().__init__(**kwargs)
+        self.note = seen.append  # not the list: Keras would track a copy of it
+
+    def call(self, x, training=False):
+        if training:
+            self.note(int(x[0, 0]))
+        return x
+
+
+def seen_model(seen):
+    built = keras.Sequential([keras.Input((1,)), Seen(seen), keras.layers.Dense(1)])
+    built.compile(optimizer="sgd", loss="mse", run_eagerly=True)
+    return built
+
+
+def counting_dataset():
+    """Batch i holds the value i, in order: a run's `Seen` list names its batches."""
+    return tf.data.Dataset.range(100).map(lambda i: ([tf.cast(i, tf.float32)], [0.0])).batch(1)
+
+
+class KilledAfter(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise KeyboardInterrupt  # the process dies: no clean end of `fit`
+
+
+def test_a_resumed_run_goes_on_with_the_batch_after_its_backup(tmp_path):
+    dataset, train = counting_dataset(), types.SimpleNamespace(steps=6, steps_per_eval=2, verbose=0)
+    first = []
+    with pytest.raises(KeyboardInterrupt):
+        fit_and_save(seen_model(first), dataset, train,
+                     [backup_and_restore(str(tmp_path)), KilledAfter(5)], str(tmp_path))
+    # Killed at step 5, after the backup of step 4 (the end of the second round).
+    assert first == [0, 1, 2, 3, 4]
+    assert resume_step(str(tmp_path), 2) == 4
+    again = []
+    resumed = seen_model(again)
+    fit_and_save(resumed, dataset, train, [backup_and_restore(str(tmp_path))], str(tmp_path))
+    # On from the batch after the backup's 4 steps, as an uninterrupted run,
+    # not from batch 0 again; step 5 is redone since its update was lost.
+    assert again == [4, 5]
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+
+
+def test_a_run_continued_inside_a_round_resumes_at_its_own_steps(tmp_path):
+    dataset, train = counting_dataset(), types.SimpleNamespace(steps=6, steps_per_eval=2, verbose=0)
+    # A time limit stopped the first sitting at step 3, inside the second round.
+    first = []
+    stopped = seen_model(first)
+    fit_and_save(stopped, dataset, train, [backup_and_restore(str(tmp_path)), StepLimit(3)],
+                 str(tmp_path))
+    assert first == [0, 1, 2]
+    write_backup(stopped, str(tmp_path), 2)  # as `extend_finished_run` does
+    assert resume_step(str(tmp_path), 2) == 3
+    # The continuation trains steps 4-5 (its round, evaluated and backed up
+    # at step 5), then is killed during step 6.
+    second = []
+    with pytest.raises(KeyboardInterrupt):
+        fit_and_save(seen_model(second), dataset, train,
+                     [backup_and_restore(str(tmp_path)), KilledAfter(6)], str(tmp_path))
+    assert second == [3, 4, 5]
+    # Its backup is at step 5, which the epoch (2, i.e. 4 steps) does not give.
+    third = []
+    resumed = seen_model(third)
+    fit_and_save(resumed, dataset, train, [backup_and_restore(str(tmp_path)), StepLimit(6)],
+                 str(tmp_path))
+    assert third == [5]
+    assert int(resumed.optimizer.iterations.numpy()) == 6
