@@ -249,22 +249,20 @@ def extend_finished_run(config, run_dir):
     saved = config_lib.load_config(type(config), path)
     old, new = _comparable(saved), _comparable(config)
     old_steps, new_steps = old["train"].pop("steps"), new["train"].pop("steps")
-    refused = (
-        f"{run_dir}: holds a finished run (model.keras, train.steps={old_steps}{{}}); choose a "
-        "new --run-dir, or continue it with the same configuration and a larger train.steps "
-        "(or, when its time limit stopped it, a larger train.time_limit_minutes)"
-    )
-    if old != new or new_steps < old_steps:
-        raise ValueError(refused.format(""))
     seconds = TrainingClock.noted_seconds(run_dir)
     limit = saved.train.time_limit_minutes
     timed_out = limit is not None and seconds is not None and seconds >= 60.0 * limit
-    if new_steps == old_steps and not timed_out:
-        raise ValueError(refused.format(""))
-    model = keras.saving.load_model(finished)
-    steps = int(model.optimizer.iterations.numpy())
-    if new_steps <= steps:
-        raise ValueError(refused.format(f", stopped at step {steps}"))
+    steps = None  # the finished run's, read below from its model
+    if old == new and (new_steps > old_steps or (new_steps == old_steps and timed_out)):
+        model = keras.saving.load_model(finished)
+        steps = int(model.optimizer.iterations.numpy())
+    if steps is None or new_steps <= steps:
+        stopped = "" if steps is None else f", stopped at step {steps}"
+        raise ValueError(
+            f"{run_dir}: holds a finished run (model.keras, train.steps={old_steps}{stopped}); "
+            "choose a new --run-dir, or continue it with the same configuration and a larger "
+            "train.steps (or, when its time limit stopped it, a larger train.time_limit_minutes)"
+        )
     new_limit = config.train.time_limit_minutes
     if new_limit is not None and seconds is not None and seconds >= 60.0 * new_limit:
         raise ValueError(
@@ -370,9 +368,20 @@ class StepLimit(keras.callbacks.Callback):
     def __init__(self, steps):
         super().__init__()
         self.steps = steps
+        self.step = None
+
+    def on_train_begin(self, logs=None):
+        self.step = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is None:
+            # Read once, after the backup is restored; then counted here, so
+            # that no batch waits on a read of the optimizer's variable.
+            self.step = int(self.model.optimizer.iterations.numpy())
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) >= self.steps:
+        self.step += 1
+        if self.step >= self.steps:
             self.model.stop_training = True
 
 
