@@ -12,7 +12,7 @@ excluded).
 Example:
 
 >>> sorted(PRESETS)[:3]
-['4xlstm-512', 'cpu-4xlstm', 'cpu-dense']
+['4xlstm-512', 'cpu-2xlstm', 'cpu-4xlstm']
 >>> round(costs("moe-32")["params_without_biases"] / 1e6, 1)
 37.8
 """
@@ -49,6 +49,9 @@ PRESETS = {
     "cpu-moe-1-wide": dict(_CPU, num_experts=1, expert_hidden_dim=1024, k=1),
     "cpu-moe-32-h": dict(_CPU, num_experts=32, num_groups=4, k=2),
     "cpu-4xlstm": dict(_CPU, blocks=("lstm",) * 4),
+    # The laptop stack without its middle block: what the MoE and the dense
+    # block are measured against when asking how much the block can add.
+    "cpu-2xlstm": dict(_CPU, blocks=("lstm", "lstm")),
 }
 
 
