@@ -76,6 +76,15 @@ def test_cpu_moe_1_wide_is_the_dense_block_behind_a_one_expert_gate():
     assert wide["params"] - dense["params"] == 2 * 256 * 1
 
 
+def test_cpu_2xlstm_is_the_dense_stack_without_its_middle_block():
+    # Two LSTMs of 256 units (4 gates from [x, h], 256 + 256 wide), and
+    # cpu-dense is the same plus one 256 -> 1024 -> 256 ReLU block.
+    bare, dense = presets.costs("cpu-2xlstm"), presets.costs("cpu-dense")
+    assert bare["ops_per_timestep"] == 2 * 4 * 256 * (256 + 256) == 1_048_576
+    assert dense["ops_per_timestep"] - bare["ops_per_timestep"] == 2 * 256 * 1024
+    assert dense["params"] - bare["params"] == 2 * 256 * 1024 + 1024 + 256
+
+
 def _real_params(model):
     # LanguageModel builds every weight at construction; no call is needed.
     assert model.built
