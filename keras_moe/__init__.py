@@ -4,7 +4,7 @@ Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated
 Mixture-of-Experts Layer", arXiv:1701.06538.
 """
 
-from keras_moe import losses, multi_worker
+from keras_moe import losses
 from keras_moe.batchwise import BatchwiseGating
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
@@ -26,5 +26,4 @@ __all__ = [
     "Routing",
     "RoutingMonitor",
     "losses",
-    "multi_worker",
 ]

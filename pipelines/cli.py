@@ -32,7 +32,7 @@ def _dataclass_from_args(cls, args):
 
 
 def _add_strategy_flags(parser):
-    from keras_moe.pipelines.lm_config import STRATEGIES
+    from keras_moe.pipelines.lm.config import STRATEGIES
 
     parser.add_argument(
         "--strategy", choices=STRATEGIES, default=None,
@@ -64,21 +64,21 @@ def _train_overrides(args):
 def _split_cpu(args):
     """`--cpu-devices`: first thing in a train command, before TensorFlow starts."""
     if args.cpu_devices is not None:
-        from keras_moe.pipelines import distribution
+        from keras_moe.pipelines.training import distribution
 
         distribution.split_cpu(args.cpu_devices)
 
 
 def _train_strategy(config):
     """The run's strategy, made before anything else runs TensorFlow."""
-    from keras_moe.pipelines import distribution
+    from keras_moe.pipelines.training import distribution
 
     return distribution.make_strategy(config.train.strategy)
 
 
 def build_parser():
-    from keras_moe.pipelines.demo import DemoConfig
-    from keras_moe.pipelines.translate_demo import TranslateDemoConfig
+    from keras_moe.pipelines.lm.demo import DemoConfig
+    from keras_moe.pipelines.translate.demo import TranslateDemoConfig
 
     parser = argparse.ArgumentParser(
         prog="keras-moe",
@@ -252,7 +252,7 @@ def run_reproduce(args):
     """`keras-moe reproduce ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines import reproduce
+    from keras_moe.pipelines.reproduce import plan as reproduce
 
     command = args.reproduce_command
     if command == "list":
@@ -266,7 +266,7 @@ def run_reproduce(args):
         entry = reproduce.run(args.name, args.run_dir, args.overrides, args.ledger)
         print(json.dumps(entry, indent=2))
     else:
-        from keras_moe.pipelines import ledger
+        from keras_moe.pipelines.reproduce import ledger
 
         text, md_path, html_path = ledger.write_report(args.ledger, args.out)
         print(text)
@@ -277,13 +277,13 @@ def run_translate(args):
     """`keras-moe translate ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines import translate_train
+    from keras_moe.pipelines.translate import train as translate_train
 
     command = args.translate_command
     if command == "train":
         _split_cpu(args)
         from keras_moe.pipelines.config import load_config
-        from keras_moe.pipelines.translate_config import TranslateConfig
+        from keras_moe.pipelines.translate.config import TranslateConfig
 
         config = load_config(TranslateConfig, args.config, _train_overrides(args))
         results = translate_train.train(config, args.run_dir, _train_strategy(config))
@@ -308,7 +308,7 @@ def run_translate(args):
         path = translate_train.export(args.run_dir, args.out, args.beam_width, args.average)
         print(json.dumps({"export_dir": path}))
     elif command == "score":
-        from keras_moe.pipelines.scoring import score_files
+        from keras_moe.pipelines.translate.scoring import score_files
 
         print(json.dumps(score_files(args.hyp, args.refs, target_language=args.target_language),
                          indent=2))
@@ -327,16 +327,16 @@ def run_lm(args):
     """`keras-moe lm ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines import lm_train
+    from keras_moe.pipelines.lm import train as lm_train
 
     if args.lm_command == "demo":
-        from keras_moe.pipelines.demo import DemoConfig, run_demo
+        from keras_moe.pipelines.lm.demo import DemoConfig, run_demo
 
         run_demo(_dataclass_from_args(DemoConfig, args))
     elif args.lm_command == "train":
         _split_cpu(args)
         from keras_moe.pipelines.config import load_config
-        from keras_moe.pipelines.lm_config import LMConfig
+        from keras_moe.pipelines.lm.config import LMConfig
 
         config = load_config(LMConfig, args.config, _train_overrides(args))
         results = lm_train.train(config, args.run_dir, _train_strategy(config))
@@ -359,7 +359,7 @@ def run_lm(args):
 
 def run_inspect(args):
     """`keras-moe inspect ...`: the library prints the tables and writes the report."""
-    from keras_moe.pipelines.inspect import inspect_run
+    from keras_moe.pipelines.inspection.report import inspect_run
 
     inspect_run(
         args.run_dir, args.data, sentences=args.sentences, layer=args.layer, out=args.out,
@@ -386,7 +386,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from keras_moe.pipelines.translate_demo import TranslateDemoConfig, run_translate_demo
+            from keras_moe.pipelines.translate.demo import TranslateDemoConfig, run_translate_demo
 
             run_translate_demo(_dataclass_from_args(TranslateDemoConfig, args))
         elif args.command == "lm":

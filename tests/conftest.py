@@ -35,7 +35,7 @@ def _seed_everything():
 @pytest.fixture
 def opened_files(monkeypatch):
     """Records `(path, file)` for every file the corpus readers open, in order."""
-    from keras_moe.pipelines import corpora
+    from keras_moe.pipelines.data import corpora
 
     opened = []
     real_open = corpora.open_binary

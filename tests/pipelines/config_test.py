@@ -1,4 +1,4 @@
-"""Tests of keras_moe.pipelines.config and keras_moe.pipelines.lm_config.
+"""Tests of keras_moe.pipelines.config and keras_moe.pipelines.lm.config.
 
 Configurations are written as small YAML files in `tmp_path`; every expected
 value is written out by hand.
@@ -21,7 +21,7 @@ from keras_moe.pipelines.config import (
     save_config,
     to_dict,
 )
-from keras_moe.pipelines.lm_config import (
+from keras_moe.pipelines.lm.config import (
     FORMATS,
     DataConfig,
     LMConfig,

@@ -1,0 +1,388 @@
+"""Train and evaluate language models: the library behind `keras-moe lm`.
+
+`train(config, run_dir)` runs `model.fit` with the paper's optimiser and
+schedule and writes everything into `run_dir`:
+
+```
+run_dir/config.yaml          the resolved configuration (written first)
+run_dir/vocab.json           the vocabulary (or wordpiece.txt)
+run_dir/tensorboard/         loss, perplexity, learning rate, routing metrics
+                             per MoE layer, routing histograms and bar charts
+run_dir/checkpoints/         last.keras (every evaluation) and best.keras
+run_dir/backup/              BackupAndRestore state: a killed run resumes here
+run_dir/history.csv          one row per evaluation
+run_dir/model.keras          the final model
+run_dir/results.json         final validation (and test) perplexity, wall time,
+                             strategy and replicas
+```
+
+Running `train` again on the same directory with the same configuration
+resumes from the backup; a different configuration is refused, and nothing
+already in the directory is deleted or overwritten by a refused run.
+
+`train.strategy` picks the `tf.distribute` strategy (see
+`keras_moe.pipelines.training.distribution`): `default`; `mirrored` (the model and its
+optimizer are built and compiled in the strategy's scope, `fit` splits each
+configured batch, the global batch, over the replicas; with
+`train.expert_parallel` each replica holds `num_experts / replicas`
+experts); `tpu`; or `multi_worker`, which trains with
+`keras_moe.pipelines.training.multi_worker.train` instead of `fit` (see `train_multi_worker`).
+"""
+
+import json
+import os
+
+import keras
+
+from keras_moe.models import presets
+from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
+from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines.data import lm_corpora
+from keras_moe.pipelines.data.vocabulary import (
+    WordVocabulary,
+    check_vocabulary_matches,
+    load_vocabulary,
+)
+from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
+from keras_moe.pipelines.lm import inputs as lm_input
+from keras_moe.pipelines.lm.config import LMConfig
+from keras_moe.pipelines.training import distribution
+from keras_moe.pipelines.training.runs import (
+    RoutingStatistics,
+    find_model,
+    fit_and_save,
+    prepare_run_dir,
+    run_callbacks,
+)
+
+CONVENTION = (
+    "perplexity per word: exp(total negative log-likelihood / words), every word of the file "
+    "and one end-of-sentence per line counted, summed over the whole file"
+)
+
+
+def lines_factory(data_config, split):
+    """A callable returning a fresh iterator over the lines of `split`."""
+    spec = getattr(data_config, split)
+    if not spec:
+        raise ValueError(f"`data.{split}` is empty: name a file, glob, directory or dataset")
+    fmt = data_config.format
+    kwargs = {"data_dir": data_config.tfds_data_dir} if fmt == "tfds" else {}
+
+    def factory():
+        return lm_corpora.iter_lines(spec, format=fmt, split=split, **kwargs)
+
+    return factory
+
+
+def check_inputs(config):
+    """Fail before anything is written: the preset exists, every corpus can be read.
+
+    The evaluation files are read through (they are small next to the
+    training text, and a bad byte at their end would otherwise stop the run
+    at its first evaluation); the training text is read while the
+    vocabulary is built, also before the run directory is touched.
+    """
+    presets.get_preset(config.model.preset)
+    next(iter(lines_factory(config.data, "train")()))
+    for split in ("valid", "test"):
+        if split == "valid" or config.data.test:
+            for _ in lines_factory(config.data, split)():
+                pass
+
+
+def build_vocabulary(config, run_dir):
+    """The run's saved vocabulary, or a new one learned from the training text.
+
+    A new vocabulary is returned unsaved (`save_vocabulary` writes it once
+    the run directory is prepared), so bad training text fails first.
+    `run_dir=None` always learns it (the vocabulary is a deterministic
+    function of the training text).
+    """
+    if run_dir is not None:
+        try:
+            return load_vocabulary(run_dir)
+        except FileNotFoundError:
+            pass
+    c = config.data
+    lines = lines_factory(c, "train")()
+    limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
+    if c.vocabulary == "wordpiece":
+        return WordPieceVocabulary.learn(limited, c.vocab_size)
+    return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
+
+
+def save_vocabulary(vocab, run_dir):
+    if isinstance(vocab, WordPieceVocabulary):
+        vocab.save(run_dir)
+    else:
+        vocab.save(os.path.join(run_dir, "vocab.json"))
+
+
+def make_optimizer(train_config):
+    """Adam with the paper's schedule (`WarmupInverseSqrt`), from the `train` section."""
+    t = train_config
+    return keras.optimizers.Adam(
+        WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay),
+        beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
+    )
+
+
+def build_model(config, vocab_size, compile=True):
+    """The configured model, built (and compiled unless `compile=False`).
+
+    Call it inside the strategy's scope: the weights and the optimizer's
+    variables then belong to the strategy.
+    """
+    model = presets.build_language_model(
+        config.model.preset, vocab_size, seed=config.train.seed,
+        expert_parallel=config.train.expert_parallel, **config.model.overrides()
+    )
+    # Built now: BackupAndRestore restores weights into a built model only.
+    model.build((None, None))
+    if not compile:
+        return model
+    model.compile(
+        optimizer=make_optimizer(config.train),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="mean_with_sample_weight"
+        ),
+        # Sampled-softmax training never builds the full logits a metric needs.
+        weighted_metrics=None if model.num_sampled else [TokenPerplexity()],
+    )
+    return model
+
+
+def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
+    """Per-word perplexity of `model` on every line of a corpus.
+
+    With `routing=True` the same forward pass also collects the MoE blocks'
+    routing, and the result gets a `routing` entry (see `routing_report`).
+    """
+    words = 0
+
+    def counted():
+        nonlocal words
+        for line in lines_factory_():
+            words += lm_corpora.count_words(line)
+            yield line
+
+    with_routing = routing and any(block == "moe" for block in model.blocks)
+    batches = lm_input.evaluation_batches(counted(), vocab, data_config)
+    total, count, stats = 0.0, 0.0, RoutingStatistics()
+    for summed, weight, routings in lm_input.batch_nll(model, batches, with_routing):
+        total += summed
+        count += weight
+        stats.add(routings)
+    # The lines are all read now, so `words` is the file's word count.
+    result = lm_input.perplexity_result(total, count, words)
+    result["convention"] = CONVENTION
+    if routing:
+        result["routing"] = stats.result()
+    return result
+
+
+def routing_report(model, lines_factory_, vocab, data_config):
+    """Expert balance of every MoE block on a corpus, as the paper's Table 6 reports it.
+
+    Routing is taken in inference mode (no noise), so Load is the number of
+    positions sent to each expert. For each MoE block: CV (std / mean) of
+    Importance and Load and max / mean Load, averaged over the evaluation
+    batches (`batch_*`, the paper's per-batch statistics) and over the whole
+    corpus (`set_*`), and the number of experts that received no position.
+    `evaluate_lines(..., routing=True)` gives the same together with the
+    perplexity, from one forward pass.
+
+    Returns:
+        dict block name -> statistics; empty for a model without MoE.
+    """
+    return evaluate_lines(model, lines_factory_, vocab, data_config, routing=True)["routing"]
+
+
+class ValidationPerplexity(keras.callbacks.Callback):
+    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs."""
+
+    def __init__(self, lines_factory_, vocab, data_config):
+        super().__init__()
+        self.lines_factory = lines_factory_
+        self.vocab = vocab
+        self.data_config = data_config
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        # An expert-parallel model is evaluated through its one-device copy.
+        model = distribution.evaluation_model(self.model)
+        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config)
+        logs["val_loss"] = result["loss"]
+        logs["val_perplexity"] = result["perplexity"]
+
+
+def make_callbacks(config, run_dir, vocab, model):
+    validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
+    return run_callbacks(run_dir, model, config.train, validation, "val_perplexity", "min")
+
+
+def train(config, run_dir, strategy=None):
+    """Train the language model `config` describes; write the run into `run_dir`.
+
+    Args:
+        config: an `LMConfig`.
+        run_dir: the run directory (created; resumed when it holds a backup
+            of the same configuration).
+        strategy: optional `tf.distribute.Strategy` of `train.strategy`,
+            already made (`distribution.make_strategy`); None makes it.
+
+    Returns:
+        The results dict also written to `run_dir/results.json` (on a
+        non-chief `multi_worker` task: `chief`, `task` and `steps` only).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file or key at fault;
+            raised before the run directory is touched.
+    """
+    if not isinstance(config, LMConfig):
+        raise TypeError(f"`config` must be an LMConfig. Received: {type(config).__name__}")
+    t = config.train
+    if strategy is None:
+        # First: `multi_worker` and `tpu` must start before any TensorFlow op.
+        strategy = distribution.make_strategy(t.strategy)
+    if t.strategy == "multi_worker":
+        return train_multi_worker(config, run_dir, strategy)
+    check_inputs(config)
+    vocab = build_vocabulary(config, run_dir)
+    resumed = prepare_run_dir(config, run_dir)
+    if not resumed:
+        save_vocabulary(vocab, run_dir)
+    keras.utils.set_random_seed(t.seed)
+    with strategy.scope():
+        model = build_model(config, len(vocab))
+    distribution.check_model(model, t.strategy)
+    distribution.attach_evaluation_copy(model, t.strategy)
+    dataset = lm_input.training_dataset(
+        lines_factory(config.data, "train"), vocab, config.data, seed=t.seed
+    )
+    callbacks = make_callbacks(config, run_dir, vocab, model)
+    fitted = fit_and_save(model, dataset, t, callbacks, run_dir)
+    results = {
+        "preset": config.model.preset,
+        "resumed": resumed,
+        "steps": fitted["steps"],
+        "train_seconds": fitted["train_seconds"],
+        "elapsed_minutes": fitted["elapsed_minutes"],
+        "strategy": t.strategy,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "costs": presets.costs(model.get_config()),
+        "history": fitted["history"],
+    }
+    return _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
+
+
+def _finish(config, run_dir, model, vocab, results):
+    """Final validation (and test) perplexity into `results`; write `results.json`."""
+    valid = evaluate_lines(
+        model, lines_factory(config.data, "valid"), vocab, config.data, routing=True
+    )
+    results["routing_valid"] = valid.pop("routing")
+    results["valid"] = valid
+    if config.data.test:
+        results["test"] = evaluate_lines(
+            model, lines_factory(config.data, "test"), vocab, config.data
+        )
+    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def train_multi_worker(config, run_dir, strategy):
+    """`train` under `MultiWorkerMirroredStrategy`: `keras_moe.pipelines.training.multi_worker.train`, not `fit`.
+
+    Every worker runs the same command with its own `TF_CONFIG`. Each reads
+    the training text through the pipeline's own seeded `training_dataset`
+    built with the per-replica batch (`data.batch_size` or
+    `data.batch_tokens` divided by the replicas) and keeps every n-th batch
+    (`multi_worker_dataset`). The model and Adam are created under the
+    strategy's scope; the objective is the loop's (weighted token losses
+    summed over the global batch, divided by its number of positions,
+    padding included, plus the balancing losses), and `num_sampled` is
+    ignored (full softmax).
+
+    Checkpoints: `run_dir/checkpoints/multi_worker` (`train.steps_per_eval`
+    steps apart; shared by every worker); a killed run started again with
+    the same command resumes from the last one. Not in this path:
+    validation during training, `BackupAndRestore`, the `.keras`
+    checkpoints, `history.csv`, `RoutingMonitor`, `train.time_limit_minutes`.
+
+    Only the chief (task 0) writes the run directory: `config.yaml`, the
+    vocabulary, `tensorboard/train` (loss, balancing loss and perplexity
+    every `train.monitor_every_n_steps` steps), and after training
+    `model.keras` and `results.json` (with the final validation and test
+    perplexity, computed on a one-device copy). The other workers write only
+    `multi_worker.train`'s temporary checkpoints
+    (`checkpoints/multi_worker/workertemp_<task>`, deleted at once), and
+    wait for the chief's evaluation before they exit.
+    """
+    t = config.train
+    chief = distribution.is_chief(strategy)
+    check_inputs(config)
+    # Every worker learns the same vocabulary; only the chief reads or writes the run.
+    vocab = build_vocabulary(config, run_dir if chief else None)
+    resumed = False
+    if chief:
+        resumed = prepare_run_dir(config, run_dir)
+        if not resumed:
+            save_vocabulary(vocab, run_dir)
+    def build():
+        return build_model(config, len(vocab), compile=False), make_optimizer(t)
+
+    def make_dataset(data_config):
+        return lm_input.training_dataset(
+            lines_factory(data_config, "train"), vocab, data_config, seed=t.seed
+        )
+
+    model, results = distribution.train_multi_worker(
+        config, run_dir, strategy, build, make_dataset, ("batch_size", "batch_tokens"), resumed,
+    )
+    if chief:
+        results["costs"] = presets.costs(model.get_config())
+        results = _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
+    distribution.barrier(strategy)
+    return results
+
+
+def load_run(run_dir):
+    """The configuration, vocabulary and model of a run directory."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = config_lib.load_config(LMConfig, path)
+    vocab = load_vocabulary(run_dir)
+    model_path = find_model(run_dir)
+    model = keras.saving.load_model(model_path, compile=False)
+    check_vocabulary_matches(vocab, model.vocab_size, model_path)
+    return config, vocab, model, model_path
+
+
+def evaluate(run_dir, data, format=None):
+    """Per-word perplexity of a run's model on the corpus `data`.
+
+    Args:
+        run_dir: a directory written by `train`.
+        data: file, glob or directory (or what `format` expects).
+        format: corpus format; default the run's `data.format`.
+
+    Returns:
+        dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
+        `data` and `model`.
+    """
+    config, vocab, model, model_path = load_run(run_dir)
+    data_config = config_lib.from_dict(
+        type(config.data), {**config_lib.to_dict(config.data), "test": data,
+                            "format": format or config.data.format}
+    )
+    factory = lines_factory(data_config, "test")
+    next(iter(factory()))  # a missing or empty corpus fails here, naming the file
+    result = evaluate_lines(model, factory, vocab, data_config, routing=True)
+    if not result["routing"]:
+        del result["routing"]  # a model without MoE blocks
+    return {**result, "data": data, "model": model_path}
