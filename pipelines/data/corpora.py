@@ -1,6 +1,5 @@
 """Real text that is already on the machine, and plain text files."""
 
-import gettext
 import glob
 import gzip
 import os
@@ -50,15 +49,57 @@ def gettext_pairs(language="de", root=GETTEXT_ROOT):
     for path in sorted(glob.glob(pattern)):
         try:
             with open(path, "rb") as f:
-                catalogue = gettext.GNUTranslations(f)
+                messages = read_mo(f.read())
         except (OSError, UnicodeDecodeError, ValueError, struct.error):
             skipped += 1
             continue
-        # _catalog is the parsed table; plural forms are keyed by tuples.
-        for source, target in catalogue._catalog.items():
-            if isinstance(source, str) and source and isinstance(target, str) and target:
+        for source, target in messages:
+            if source and target:
                 pairs.setdefault(source, target)
     return sorted(pairs.items()), skipped
+
+
+def read_mo(data):
+    """The singular messages of a compiled gettext catalogue (`.mo` bytes).
+
+    The format is GNU gettext's: a magic number that also gives the byte
+    order, the number of strings N and the offsets of two tables of N
+    (length, offset) pairs, one for the message ids and one for their
+    translations. The header entry (empty id) names the charset. Plural
+    entries (an id holding a NUL) are left out, as the pairs use singular
+    messages only. Python's `gettext` module parses the same format, but
+    keeps the table in a private attribute, so it is read here.
+
+    Returns:
+        list of `(message id, translation)` strings, in file order.
+
+    Raises:
+        ValueError: not a catalogue; struct.error, UnicodeDecodeError: a
+            truncated table or undecodable text.
+    """
+    magic = struct.unpack("<I", data[:4])[0]
+    if magic == 0x950412DE:
+        order = "<"
+    elif magic == 0xDE120495:
+        order = ">"
+    else:
+        raise ValueError("not a gettext .mo catalogue (bad magic number)")
+    count, ids_at, texts_at = struct.unpack(order + "3I", data[8:20])
+    raw = []
+    for i in range(count):
+        id_len, id_off = struct.unpack(order + "2I", data[ids_at + 8 * i: ids_at + 8 * i + 8])
+        tx_len, tx_off = struct.unpack(order + "2I", data[texts_at + 8 * i: texts_at + 8 * i + 8])
+        if id_off + id_len > len(data) or tx_off + tx_len > len(data):
+            raise ValueError("truncated gettext .mo catalogue")
+        raw.append((data[id_off: id_off + id_len], data[tx_off: tx_off + tx_len]))
+    charset = "ascii"
+    for msgid, text in raw:
+        if msgid == b"":
+            found = re.search(rb"charset=([-\w]+)", text)
+            if found:
+                charset = found.group(1).decode("ascii")
+    return [(msgid.decode(charset), text.decode(charset))
+            for msgid, text in raw if msgid and b"\x00" not in msgid]
 
 
 def gettext_english_lines(language="de", root=GETTEXT_ROOT):

@@ -327,3 +327,39 @@ def test_split_of_pairs_is_keyed_by_the_source_text():
 def test_split_with_zero_fractions_keeps_everything_in_train():
     items = make_items(300)
     assert corpora.split_deterministic(items, 0.0, 0.0) == (items, [], [])
+
+
+def test_read_mo_equals_python_gettext_on_a_catalogue_both_read():
+    # Python's own parser is the reference where it succeeds.
+    import gettext
+    import io
+
+    messages = {"File": "Datei", "Größe": "Size-ü", "%d file\0%d files": "%d Datei\0%d Dateien",
+                "Empty": ""}
+    data = mo_bytes(messages)
+    reference = {k: v for k, v in gettext.GNUTranslations(io.BytesIO(data))._catalog.items()
+                 if isinstance(k, str) and k}
+    assert dict(corpora.read_mo(data)) == reference
+    # The plural entry is left out, the untranslated one kept (gettext_pairs drops it).
+    assert sorted(corpora.read_mo(data)) == [("Empty", ""), ("File", "Datei"),
+                                             ("Größe", "Size-ü")]
+
+
+def test_read_mo_decodes_a_latin1_catalogue_and_big_endian_files():
+    header = "Content-Type: text/plain; charset=iso-8859-1\nLast-Translator: Jörg\n"
+    data = mo_bytes({b"Size": "Größe".encode("latin-1")}, header=header)
+    # The header's own bytes are Latin-1 too (Python's gettext fails on these).
+    data = data.replace("Jörg".encode() + b"\n", "Jörg".encode("latin-1") + b"\n ")
+    assert corpora.read_mo(data) == [("Size", "Größe")]
+    # The same table written big-endian: every 32-bit word of the first 7 swapped.
+    words = struct.unpack("<7I", data[:28])
+    count, ids_at, texts_at = words[2], words[3], words[4]
+    body = bytearray(data)
+    body[:28] = struct.pack(">7I", *words)
+    for table in (ids_at, texts_at):
+        for i in range(2 * count):
+            at = table + 4 * i
+            body[at:at + 4] = struct.pack(">I", struct.unpack("<I", data[at:at + 4])[0])
+    assert corpora.read_mo(bytes(body)) == [("Size", "Größe")]
+    with pytest.raises(ValueError, match="magic"):
+        corpora.read_mo(b"\0" * 28)
