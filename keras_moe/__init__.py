@@ -11,12 +11,14 @@ from keras_moe.gating import NoisyTopKGating
 from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
 from keras_moe.moe import MoE
 from keras_moe.monitoring import RoutingMonitor
+from keras_moe.optimizers import FactoredAdam
 from keras_moe.routing import GateDecision, Routing
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchwiseGating",
+    "FactoredAdam",
     "FeedForwardExperts",
     "GateDecision",
     "HierarchicalGating",

@@ -1,0 +1,117 @@
+"""`keras_moe.optimizers.FactoredAdam` against a float64 NumPy reference of App. D."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_moe
+from keras_moe.optimizers import FactoredAdam
+
+
+def reference_steps(w, grads, lr, beta_2, epsilon, factored):
+    """App. D written out literally in float64: no first moment, R and C averages."""
+    w = w.astype(np.float64).copy()
+    if factored:
+        rows = np.zeros(w.shape[:-1])
+        cols = np.zeros(w.shape[:-2] + w.shape[-1:])
+    else:
+        full = np.zeros(w.shape)
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        if factored:
+            rows = beta_2 * rows + (1 - beta_2) * (g**2).mean(axis=-1)
+            cols = beta_2 * cols + (1 - beta_2) * (g**2).mean(axis=-2)
+            v = np.einsum("...i,...j->...ij", rows, cols) / rows.mean(axis=-1)[..., None, None]
+        else:
+            full = beta_2 * full + (1 - beta_2) * g**2
+            v = full
+        w -= lr * g / (np.sqrt(v / (1 - beta_2**t)) + epsilon)
+    return w
+
+
+@pytest.mark.parametrize("shape, factored", [
+    ((5,), False),        # a bias: full second moment
+    ((4, 6), True),       # a matrix
+    ((3, 4, 6), True),    # stacked expert weights [E, d, h]: statistics per expert
+    ((3, 1, 6), False),   # an axis under min_dim_to_factor=2: not factored
+])
+def test_steps_equal_the_numpy_reference(shape, factored):
+    rng = np.random.default_rng(7)
+    w0 = rng.normal(size=shape).astype(np.float32)
+    # Gradients of changing scale per row and column, so that a wrong axis shows.
+    grads = [(rng.normal(size=shape) * (1 + np.arange(shape[-1]))).astype(np.float32)
+             for _ in range(5)]
+    opt = FactoredAdam(learning_rate=0.01, beta_2=0.9, epsilon=1e-6)
+    w = keras.Variable(w0)
+    for g in grads:
+        opt.apply_gradients([(g, w)])
+    assert opt.factored(w) is factored
+    expected = reference_steps(w0, grads, 0.01, 0.9, 1e-6, factored)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_rank_one_squared_gradient_is_estimated_exactly():
+    # g^2 = a b^T: the factored second moment equals Adam's (beta_1 = 0) full one.
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([0.5, 1.0, 4.0, 2.0])
+    g = np.sqrt(np.outer(a, b)).astype(np.float32)
+    factored, full = keras.Variable(np.zeros((3, 4), "float32")), keras.Variable(
+        np.zeros((3, 4), "float32"))
+    FactoredAdam(learning_rate=0.1, beta_2=0.5).apply_gradients([(g, factored)])
+    FactoredAdam(learning_rate=0.1, beta_2=0.5, min_dim_to_factor=10).apply_gradients(
+        [(g, full)])
+    np.testing.assert_allclose(factored.numpy(), full.numpy(), rtol=1e-6)
+    # First step with bias correction: every entry moves by lr * sign(g).
+    np.testing.assert_allclose(factored.numpy(), -0.1 * np.ones((3, 4)), rtol=1e-5)
+
+
+def test_state_is_rows_plus_columns_per_expert():
+    # E=8 experts of d=64 x h=128: Adam keeps 2 * E * d * h floats, FactoredAdam E * (d + h).
+    w = keras.Variable(np.zeros((8, 64, 128), "float32"))
+    bias = keras.Variable(np.zeros((8, 128), "float32"))
+    factored, adam = FactoredAdam(), keras.optimizers.Adam()
+    factored.build([w, bias])
+    adam.build([w, bias])
+
+    def state(opt):
+        return sum(int(np.prod(v.shape)) for v in opt.variables
+                   if v is not opt.iterations and "learning_rate" not in v.path)
+
+    assert state(adam) == 2 * (8 * 64 * 128 + 8 * 128)
+    # The [8, 128] bias is a matrix too (E x h), factored into 8 + 128.
+    assert state(factored) == 8 * (64 + 128) + (8 + 128)
+
+
+def test_trains_an_moe_with_fit_and_round_trips_through_keras_files(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype("float32")
+    y = (x[:, :1] * 2.0 - x[:, 1:2]).astype("float32")
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([
+        keras.Input((16,)),
+        keras_moe.MoE(num_experts=4, expert_hidden_dim=8, k=2, name="moe"),
+        keras.layers.Dense(1),
+    ])
+    model.compile(optimizer=FactoredAdam(learning_rate=0.01), loss="mse")
+    first = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    model.fit(x, y, epochs=20, batch_size=32, verbose=0)
+    assert model.evaluate(x, y, verbose=0, return_dict=True)["loss"] < 0.5 * first
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, FactoredAdam)
+    assert loaded.optimizer.get_config()["beta_2"] == 0.999
+    saved, restored = model.optimizer.variables, loaded.optimizer.variables
+    assert len(restored) == len(saved)
+    for before, after in zip(saved, restored, strict=True):
+        np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"beta_2": 1.0}, "beta_2"),
+    ({"epsilon": 0.0}, "epsilon"),
+    ({"min_dim_to_factor": 0}, "min_dim_to_factor"),
+    ({"min_dim_to_factor": True}, "min_dim_to_factor"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FactoredAdam(**kwargs)
