@@ -26,6 +26,8 @@ setup(
         "tensorflow==2.21.*",
         "keras>=3.15,<4",
         "tensorflow-text==2.21.*",
+        # The compiled WordPiece learner (pipelines/data/wordpiece_learner.py).
+        "tokenizers>=0.20,<1",
         "sacrebleu>=2.6",
         "tensorboard",
         "pyyaml",
