@@ -59,7 +59,22 @@ def _settle(paths):
         if os.path.exists(paths[PARTIAL_METADATA]):
             os.remove(paths[PARTIAL_METADATA])
     elif os.path.exists(paths[PARTIAL_METADATA]):
-        os.replace(paths[PARTIAL_METADATA], paths[METADATA])
+        try:
+            _read_json(paths[PARTIAL_METADATA])
+        except ValueError:
+            # Cut short (only `BackupAndRestore`'s older subclass wrote it
+            # after moving the weights): the restored step will not match.
+            os.remove(paths[PARTIAL_METADATA])
+        else:
+            os.replace(paths[PARTIAL_METADATA], paths[METADATA])
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
 
 
 def read_backup(run_dir):
@@ -81,8 +96,7 @@ def read_backup(run_dir):
                 f"at is unknown; remove {backup_dir(run_dir)} to start the run again"
             )
         return None
-    with open(paths[METADATA], encoding="utf-8") as f:
-        metadata = json.load(f)
+    metadata = _read_json(paths[METADATA])
     if not isinstance(metadata, dict) or "epoch" not in metadata:
         raise ValueError(
             f"{paths[METADATA]}: expected a JSON object with an `epoch`. Received: {metadata!r}"

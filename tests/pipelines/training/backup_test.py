@@ -113,6 +113,23 @@ def test_a_backup_keras_backup_and_restore_wrote_resumes(tmp_path):
     assert (tmp_path / "model.keras").exists()
 
 
+def test_metadata_cut_short_by_the_older_writer_is_refused_at_restore(tmp_path):
+    # The older writer moved the weights (step 4) over the backup, then was
+    # killed writing their metadata: the metadata of step 2 is what is left.
+    model = adam_model()
+    train(model, 2)
+    write_backup(model, str(tmp_path), 2)
+    train(model, 2)
+    model.save_weights(str(tmp_path / "backup" / "latest.weights.h5"))
+    (tmp_path / "backup" / "training_metadata.json.partial").write_text('{"epo')
+    assert read_backup(str(tmp_path)) == {"epoch": 1, "step": 2}
+    assert not (tmp_path / "backup" / "training_metadata.json.partial").exists()
+    backup = RunBackup(str(tmp_path))
+    backup.set_model(adam_model())
+    with pytest.raises(ValueError, match=r"latest\.weights\.h5: restored the optimizer at step 4"):
+        backup.restore()
+
+
 def test_weights_without_their_metadata_are_refused_naming_the_file(tmp_path):
     model = adam_model()
     os.makedirs(backup_dir(str(tmp_path)))
