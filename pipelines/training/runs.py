@@ -10,9 +10,8 @@ Shared by `lm_train` and `translate_train`:
 - `run_callbacks`: the callbacks of every run (backup, NaN guard, the
   pipeline's validation, history, checkpoints, TensorBoard, routing, time
   limit), in the order they must run;
-- `fit_and_save`: `model.fit` in evaluation-long epochs, then `model.keras`;
-- `ContinuedTensorBoard`: Keras's TensorBoard callback whose batch curves
-  go on from a resumed run's step instead of starting again at 1;
+- `fit_and_save`: `model.fit` in evaluation-long epochs, resumed from the
+  run's backup (`backup.py`), then `model.keras`;
 - `TrainingClock`: the run's training time, counted across resumes and
   continuations, logged as `elapsed_minutes`, and its limit; `StepLimit`:
   the end at `train.steps` exactly;
@@ -35,6 +34,14 @@ import numpy as np
 from keras_moe import RoutingMonitor
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, resume_step: API)
+    BatchSummaries,
+    backup_and_restore,
+    remove_backup,
+    resume_point,
+    resume_step,
+    write_backup,
+)
 
 # Keys that only steer how a run is executed: a resumed run may change them.
 RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
@@ -82,59 +89,6 @@ def prepare_run_dir(config, run_dir):
     return resumed
 
 
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose files are replaced whole, never rewritten in place.
-
-    Keras writes `latest.weights.h5` over the last backup; a run killed
-    during that write leaves a truncated file that the next start cannot
-    open. Here the weights, then the epoch counter, are written next to
-    the backup and moved over it with `os.replace`, so a kill leaves the
-    previous backup whole.
-    """
-
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        partial = self._weights_path[: -len(".weights.h5")] + ".partial.weights.h5"
-        self.model.save_weights(filepath=partial, overwrite=True)
-        os.replace(partial, self._weights_path)
-        partial = self._training_metadata_path + ".partial"
-        with open(partial, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                       "step": int(self.model.optimizer.iterations.numpy())}, f)
-        os.replace(partial, self._training_metadata_path)
-
-
-def write_backup(model, run_dir, steps_per_eval):
-    """Make `model` (weights and optimizer) the backup the run resumes from.
-
-    It resumes in the evaluation round of the model's optimizer step, at
-    that step (`resume_step`).
-    """
-    backup = backup_and_restore(run_dir)
-    backup.set_model(model)
-    backup._current_epoch = int(model.optimizer.iterations.numpy()) // steps_per_eval
-    backup._last_batch_seen = 0
-    backup._save_model()
-
-
-def resume_step(run_dir, steps_per_eval):
-    """The optimizer step the run's backup holds (0 without a backup).
-
-    Backups written before the step was noted give it from their epoch.
-    """
-    path = backup_and_restore(run_dir)._training_metadata_path
-    if not os.path.exists(path):
-        return 0
-    with open(path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    return int(metadata.get("step", metadata["epoch"] * steps_per_eval))
-
-
-def backup_and_restore(run_dir):
-    """The run's `BackupAndRestore` callback: a killed run resumes from `run_dir/backup`."""
-    return AtomicBackupAndRestore(os.path.join(run_dir, "backup"))
-
-
 def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     """The callbacks of a training run, in the order they must run.
 
@@ -176,7 +130,10 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
             save_best_only=True,
         ),
         *extra,
-        ContinuedTensorBoard(log_dir, update_freq=train.monitor_every_n_steps),
+        # Keras's callback for the `epoch_*` curves; the `batch_*` ones are
+        # numbered by the optimizer's step, so they go on after a resume.
+        keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),
+        BatchSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))
@@ -188,10 +145,12 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
 
     One Keras epoch is `train.steps_per_eval` steps, so validation,
     checkpoints and the backup happen at every epoch's end; a resumed run
-    starts again at the epoch its backup recorded, and at the batch of
-    `dataset` it had reached: the batches its backup's steps took are
-    skipped (drawn and dropped: the data order, shuffles included, is
-    that of one uninterrupted run, since `dataset` is seeded).
+    starts again at the epoch its backup recorded (`fit`'s `initial_epoch`;
+    the `RunBackup` among `callbacks` restores the weights and optimizer),
+    and at the batch of `dataset` it had reached: the batches its backup's
+    steps took are skipped (drawn and dropped: the data order, shuffles
+    included, is that of one uninterrupted run, since `dataset` is seeded).
+    Once `model.keras` is written the backup is removed.
 
     Returns:
         The `steps`, `train_seconds`, `elapsed_minutes` and `history`
@@ -201,16 +160,18 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
         when `callbacks` hold no `TrainingClock`).
     """
     start = time.time()
-    done = resume_step(run_dir, train.steps_per_eval)
+    epoch, done = resume_point(run_dir, train.steps_per_eval)
     if done:
         dataset = dataset.skip(done)
     history = model.fit(
-        dataset, epochs=-(-train.steps // train.steps_per_eval),
+        dataset, epochs=-(-train.steps // train.steps_per_eval), initial_epoch=epoch,
         steps_per_epoch=train.steps_per_eval, callbacks=callbacks, verbose=train.verbose,
         shuffle=False,  # the dataset shuffles itself
     )
     train_seconds = time.time() - start
     model.save(os.path.join(run_dir, "model.keras"))
+    # Only now: a kill before model.keras is whole still finds the backup.
+    remove_backup(run_dir)
     clocks = [c for c in callbacks if isinstance(c, TrainingClock)]
     return {
         "steps": int(model.optimizer.iterations.numpy()),
@@ -228,7 +189,7 @@ def extend_finished_run(config, run_dir):
     either a larger `train.steps`, or the same `train.steps` for a run that
     its `train.time_limit_minutes` stopped short of them, with a larger
     limit. The finished `model.keras` (weights and optimizer state) becomes
-    the backup that `BackupAndRestore` resumes from, at the evaluation round
+    the backup that `RunBackup` resumes from, at the evaluation round
     its step count reached; the learning-rate schedule goes on from the
     optimizer's step, so the continued run is the longer run. A run stopped
     inside an evaluation round goes on from its step: its next evaluations
@@ -383,31 +344,6 @@ class StepLimit(keras.callbacks.Callback):
         self.step += 1
         if self.step >= self.steps:
             self.model.stop_training = True
-
-
-class ContinuedTensorBoard(keras.callbacks.TensorBoard):
-    """`keras.callbacks.TensorBoard` whose `batch_*` steps go on after a resume.
-
-    Keras numbers batch summaries from 1 in every `fit` call, so a run that
-    `BackupAndRestore` resumed at step 1,000 drew its next `batch_loss`
-    values at steps 1, 2, ... on top of the first sitting's curve
-    (keras-team/keras#9546). This callback starts the count at the
-    optimizer's step instead, as `RoutingMonitor` does. The `epoch_*`
-    summaries need nothing: they are numbered by epoch, which the backup
-    restores. Everything else is Keras's callback unchanged.
-    """
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._continued = False
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self._continued:
-            # Here, not at train begin: by the first batch the backup (and
-            # with it the optimizer's step) has been restored.
-            self._global_train_batch = int(self.model.optimizer.iterations.numpy())
-            self._continued = True
-        super().on_train_batch_begin(batch, logs)
 
 
 class HistoryLogger(keras.callbacks.Callback):

@@ -150,8 +150,7 @@ def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_pa
     first = model()
     callback = backup_and_restore(str(tmp_path))
     callback.set_model(first)
-    callback._current_epoch = 1
-    callback._save_model()
+    callback.save(epoch=1)
 
     def dies(filepath, overwrite=True):
         with open(filepath, "wb") as f:
@@ -160,7 +159,7 @@ def test_a_backup_interrupted_while_written_leaves_the_previous_one_whole(tmp_pa
 
     first.save_weights = dies
     with pytest.raises(KeyboardInterrupt):
-        callback._save_model()
+        callback.save(epoch=2)
     second = model()
     restore = backup_and_restore(str(tmp_path))
     restore.set_model(second)

@@ -1,0 +1,294 @@
+"""What lets a killed run go on where it stopped, on public Keras APIs only.
+
+A run's backup is two files in `run_dir/backup/`, the layout Keras's
+`BackupAndRestore` wrote (so backups of older runs still resume):
+
+- `latest.weights.h5`: `model.save_weights`, which holds the weights and
+  the optimizer's variables (its step, the Adam moments);
+- `training_metadata.json`: `{"epoch": E, "step": S}`, the epoch `fit`
+  goes on from (`fit(initial_epoch=E)`) and the optimizer's step, whose
+  batches the resumed run skips. Older backups hold no `step`: it is
+  then `E * train.steps_per_eval`.
+
+Pieces:
+
+- `RunBackup`: the callback that writes the backup at every evaluation
+  (epoch end) and restores it when training begins; `backup_and_restore`
+  makes it for a run directory;
+- `resume_point`, `resume_step`: where a run's backup resumes it;
+  `write_backup`: make a model the backup (a finished run continued);
+  `remove_backup`: once the run is saved whole;
+- `BatchSummaries`: the `batch_*` TensorBoard curves, numbered by the
+  optimizer's step, so that a resumed run's curves go on from its backup's
+  step instead of starting again at 1 (keras-team/keras#9546).
+"""
+
+import json
+import os
+import shutil
+
+import keras
+import tensorflow as tf
+
+WEIGHTS = "latest.weights.h5"
+METADATA = "training_metadata.json"
+# Written first, then moved over the backup (see `RunBackup.save`).
+PARTIAL_WEIGHTS = "latest.partial.weights.h5"
+PARTIAL_METADATA = METADATA + ".partial"
+
+
+def backup_dir(run_dir):
+    """`run_dir/backup`, where the run's backup lives."""
+    return os.path.join(run_dir, "backup")
+
+
+def _paths(run_dir):
+    directory = backup_dir(run_dir)
+    return {name: os.path.join(directory, name)
+            for name in (WEIGHTS, METADATA, PARTIAL_WEIGHTS, PARTIAL_METADATA)}
+
+
+def _settle(paths):
+    # A save writes both partial files, then moves the weights, then the
+    # metadata over the backup. Killed before the first move (its partial
+    # weights are still there), the last backup is whole: the partial files
+    # go. Killed between the moves (only the partial metadata is left), the
+    # new weights are in place: their metadata is moved after them.
+    if os.path.exists(paths[PARTIAL_WEIGHTS]):
+        os.remove(paths[PARTIAL_WEIGHTS])
+        if os.path.exists(paths[PARTIAL_METADATA]):
+            os.remove(paths[PARTIAL_METADATA])
+    elif os.path.exists(paths[PARTIAL_METADATA]):
+        try:
+            _read_json(paths[PARTIAL_METADATA])
+        except ValueError:
+            # Cut short (only `BackupAndRestore`'s older subclass wrote it
+            # after moving the weights): the restored step will not match.
+            os.remove(paths[PARTIAL_METADATA])
+        else:
+            os.replace(paths[PARTIAL_METADATA], paths[METADATA])
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from None
+
+
+def read_backup(run_dir):
+    """The run's backup metadata: `{"epoch": E, "step": S}`, or None without a backup.
+
+    A save that a kill interrupted is settled first (see `RunBackup.save`).
+    `step` is None for a backup that Keras's `BackupAndRestore` wrote.
+
+    Raises:
+        ValueError: naming the file, when the backup has weights but no
+            metadata, or metadata without an epoch.
+    """
+    paths = _paths(run_dir)
+    _settle(paths)
+    if not os.path.exists(paths[METADATA]):
+        if os.path.exists(paths[WEIGHTS]):
+            raise ValueError(
+                f"{paths[WEIGHTS]}: a backup without its {METADATA}, so the step it resumes "
+                f"at is unknown; remove {backup_dir(run_dir)} to start the run again"
+            )
+        return None
+    metadata = _read_json(paths[METADATA])
+    if not isinstance(metadata, dict) or "epoch" not in metadata:
+        raise ValueError(
+            f"{paths[METADATA]}: expected a JSON object with an `epoch`. Received: {metadata!r}"
+        )
+    step = metadata.get("step")
+    return {"epoch": int(metadata["epoch"]), "step": None if step is None else int(step)}
+
+
+def resume_point(run_dir, steps_per_eval):
+    """`(epoch, step)` the run's backup resumes at; `(0, 0)` without a backup.
+
+    `epoch` is `fit`'s `initial_epoch`; `step` the optimizer's step, which
+    for a backup that holds none is `epoch * steps_per_eval`.
+    """
+    metadata = read_backup(run_dir)
+    if metadata is None:
+        return 0, 0
+    step = metadata["step"]
+    return metadata["epoch"], metadata["epoch"] * steps_per_eval if step is None else step
+
+
+def resume_step(run_dir, steps_per_eval):
+    """The optimizer step the run's backup holds (0 without a backup).
+
+    Backups written before the step was noted give it from their epoch.
+    """
+    return resume_point(run_dir, steps_per_eval)[1]
+
+
+def write_backup(model, run_dir, steps_per_eval):
+    """Make `model` (weights and optimizer) the backup the run resumes from.
+
+    It resumes in the evaluation round of the model's optimizer step, at
+    that step (`resume_step`).
+    """
+    backup = RunBackup(run_dir)
+    backup.set_model(model)
+    backup.save(int(model.optimizer.iterations.numpy()) // steps_per_eval)
+
+
+def remove_backup(run_dir):
+    """Remove the run's backup (once the finished run is saved)."""
+    shutil.rmtree(backup_dir(run_dir), ignore_errors=True)
+
+
+def backup_and_restore(run_dir):
+    """The run's backup callback: a killed run resumes from `run_dir/backup`."""
+    return RunBackup(run_dir)
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Backs the run up at every evaluation; restores it when training begins.
+
+    At each epoch's end (an evaluation: `fit` runs `train.steps_per_eval`
+    steps per epoch) `save` writes the model's weights and optimizer
+    variables and the epoch to go on from. When training begins, the
+    backup, if there is one, is loaded into the model (its optimizer built
+    first, else `load_weights` skips the optimizer's variables) and its
+    step checked against the restored optimizer's.
+
+    The callback cannot move `fit` to the backup's epoch: pass
+    `initial_epoch` from `resume_point` (as `fit_and_save` does); a `fit`
+    that starts at another epoch is stopped with an error. The backup is
+    kept at the end of `fit`: `remove_backup` once the model is saved.
+
+    Args:
+        run_dir: the run directory; the backup goes into `run_dir/backup`.
+    """
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = run_dir
+        self.paths = _paths(run_dir)
+        self.weights_path = self.paths[WEIGHTS]
+        self.metadata_path = self.paths[METADATA]
+        self.resumed_epoch = None  # the epoch `fit` must start at, until it does
+
+    def save(self, epoch):
+        """Make the model's state the backup, to go on at `epoch`.
+
+        Both files are written beside the backup, then moved over it with
+        `os.replace`, weights first: a kill while writing leaves the last
+        backup whole, and one between the two moves is finished by the next
+        `read_backup`. A backup file is never rewritten in place, so never
+        left truncated.
+        """
+        _settle(self.paths)
+        os.makedirs(os.path.dirname(self.weights_path), exist_ok=True)
+        step = int(self.model.optimizer.iterations.numpy())
+        self.model.save_weights(filepath=self.paths[PARTIAL_WEIGHTS], overwrite=True)
+        with open(self.paths[PARTIAL_METADATA], "w", encoding="utf-8") as f:
+            json.dump({"epoch": int(epoch), "step": step}, f)
+        os.replace(self.paths[PARTIAL_WEIGHTS], self.weights_path)
+        os.replace(self.paths[PARTIAL_METADATA], self.metadata_path)
+
+    def restore(self):
+        """Load the backup into the model; its metadata (see `read_backup`), or None.
+
+        Raises:
+            ValueError: the model is not built, or the restored optimizer's
+                step is not the backup's (its optimizer differs from the
+                one that wrote the backup).
+        """
+        metadata = read_backup(self.run_dir)
+        if metadata is None:
+            return None
+        if not self.model.built:
+            raise ValueError(
+                f"{self.weights_path}: the model must be built before `fit` to restore its "
+                f"backup. Received the unbuilt model {self.model.name!r}"
+            )
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(self.weights_path)
+        if optimizer is not None and metadata["step"] is not None:
+            step = int(optimizer.iterations.numpy())
+            if step != metadata["step"]:
+                raise ValueError(
+                    f"{self.weights_path}: restored the optimizer at step {step}, but "
+                    f"{self.metadata_path} notes step {metadata['step']}; the backup was "
+                    "written by a model with another optimizer"
+                )
+        return metadata
+
+    def on_train_begin(self, logs=None):
+        metadata = self.restore()
+        self.resumed_epoch = None if metadata is None else metadata["epoch"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.resumed_epoch is not None:
+            expected, self.resumed_epoch = self.resumed_epoch, None
+            if epoch != expected:
+                raise ValueError(
+                    f"{self.metadata_path}: the backup goes on at epoch {expected}, but `fit` "
+                    f"started at epoch {epoch}; pass `initial_epoch={expected}` "
+                    "(`resume_point`, as `fit_and_save` does)"
+                )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save(epoch + 1)
+
+
+class BatchSummaries(keras.callbacks.Callback):
+    """Every logged training value as a `batch_<name>` TensorBoard scalar, at the optimizer's step.
+
+    Keras's `TensorBoard` numbers its batch summaries from 1 in every `fit`
+    call, so a run resumed at step 1,000 would draw its next `batch_loss`
+    values over the first sitting's curve. Here the step is the optimizer's
+    (restored with the backup), as `RoutingMonitor` counts it: the curves
+    go on. Use it beside `keras.callbacks.TensorBoard(update_freq="epoch")`,
+    which writes the `epoch_*` curves.
+
+    Args:
+        log_dir: the TensorBoard directory; the scalars go into
+            `log_dir/train`, beside Keras's.
+        every_n_steps: positive int; write at the steps it divides.
+    """
+
+    def __init__(self, log_dir, every_n_steps=1):
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(
+                f"`every_n_steps` must be a positive int. Received: every_n_steps={every_n_steps!r}"
+            )
+        self.log_dir = os.path.join(log_dir, "train")
+        self.every_n_steps = every_n_steps
+        self.writer = None
+        self.step = None
+
+    def on_train_begin(self, logs=None):
+        self.step = None
+        if self.writer is None:
+            self.writer = tf.summary.create_file_writer(self.log_dir)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is None:
+            # Read once, at the first batch (after the backup is restored);
+            # then counted, so that no batch waits on a read of the step.
+            self.step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every_n_steps or not isinstance(logs, dict):
+            return
+        with self.writer.as_default(step=self.step):
+            for name, value in logs.items():
+                tf.summary.scalar(f"batch_{name}", value)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A later kill then loses no more than the current round's points.
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
