@@ -38,7 +38,7 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mirrored")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EP_SCRIPT_TMP": str(tmp)}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=400, env=env,
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600, env=env,
         cwd=str(REPO_ROOT),
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -27,7 +27,7 @@ from keras_moe.pipelines.training import distribution, multi_worker
 from tests.conftest import REPO_ROOT
 from tests.pipelines.training import multi_worker_script as script
 
-SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "multi_worker_script.py"
+SCRIPT = REPO_ROOT / "tests" / "pipelines" / "training" / "multi_worker_script.py"
 WORKER_TIMEOUT = 150  # seconds for a worker pair to start, train and write
 
 
