@@ -24,7 +24,7 @@ setup(
     },
     install_requires=[
         "tensorflow==2.21.*",
-        "keras>=3.15,<4",
+        "keras>=3.15,<3.16",
         "tensorflow-text==2.21.*",
         # The compiled WordPiece learner (pipelines/data/wordpiece_learner.py).
         "tokenizers>=0.20,<1",

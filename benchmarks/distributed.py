@@ -99,6 +99,9 @@ def run_case(tf, keras, keras_moe, ep, args, strategy, mode):
         )
         layer.build((None, d))
         optimizer = keras.optimizers.SGD(0.01)
+        if mode == "expert":
+            # The opt-in: expert shards are updated per replica, not all-reduced.
+            optimizer = keras_moe.ExpertParallelOptimizer(optimizer)
         optimizer.build(layer.trainable_variables)
     variables = layer.trainable_variables
     rng = tf.random.Generator.from_seed(0)

@@ -6,6 +6,7 @@ Mixture-of-Experts Layer", arXiv:1701.06538.
 
 from keras_moe import losses
 from keras_moe.batchwise import BatchwiseGating
+from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating
 from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchwiseGating",
+    "ExpertParallelOptimizer",
     "FactoredAdam",
     "FeedForwardExperts",
     "GateDecision",

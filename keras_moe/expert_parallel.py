@@ -26,20 +26,28 @@ tokens of *all* replicas routed to it. With `R` replicas each replica holds
 - **Gradients.** Through these collectives an expert's gradient on its
   replica already sums the contributions of every replica's tokens. It must
   therefore *not* be all-reduced again, and each component must be updated
-  with its own gradient. `install_optimizer_hook` makes the Keras
-  optimizer skip the all-reduce for the variables marked here; the strategy's
-  `extended.update` then applies each replica's gradient to that replica's
-  component (it selects per-replica arguments per component), and the
-  optimizer's slot variables follow the same components.
+  with its own gradient. Keras's optimizers all-reduce every gradient they
+  are given, so training opts in explicitly:
+  `keras_moe.ExpertParallelOptimizer` (`keras_moe/expert_optimizer.py`)
+  wraps the optimizer, hands it every other gradient and updates the
+  variables marked here per replica; it also saves their slot variables
+  (Adam's moments) whole.
 
 Everything not marked (gating, the rest of the model) stays data parallel.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
-_SHARDED_IDS = set()
-_HOOK_INSTALLED = False
+from keras_moe import _compat
+
+# id(Keras variable) -> weak reference to it, for every variable whose
+# per-replica components hold different experts. Keras variables are not
+# hashable (`==` is elementwise), hence ids; the weak reference tells a
+# live variable from a later object that reuses its id.
+_SHARDED = {}
 
 
 def _tf_variable(variable):
@@ -48,27 +56,29 @@ def _tf_variable(variable):
     return value if isinstance(value, tf.Variable) else variable
 
 
-def _key(variable):
-    variable = _tf_variable(variable)
-    if hasattr(variable, "_distributed_container"):
-        variable = variable._distributed_container()
-    return getattr(variable, "_unique_id", id(variable))
-
-
 def mark_sharded(variable):
-    """Record that `variable`'s per-replica components hold different experts."""
-    _SHARDED_IDS.add(_key(variable))
+    """Record that `variable`'s per-replica components hold different experts.
+
+    Args:
+        variable: a `keras.Variable` (a layer's weight or an optimizer's slot).
+    """
+    key = id(variable)
+    _SHARDED[key] = weakref.ref(variable, lambda _: _SHARDED.pop(key, None))
 
 
 def is_sharded(variable):
-    """Whether `variable` was marked by `mark_sharded`."""
-    return _key(variable) in _SHARDED_IDS
+    """Whether `variable` (a `keras.Variable`) was marked by `mark_sharded`."""
+    ref = _SHARDED.get(id(variable))
+    return ref is not None and ref() is variable
 
 
 def components(variable):
     """The per-device component variables of a (mirrored) Keras variable, in replica order."""
     variable = _tf_variable(variable)
-    return list(getattr(variable, "values", (variable,)))
+    strategy = getattr(variable, "distribute_strategy", None)
+    if strategy is None:
+        return [variable]
+    return list(strategy.experimental_local_results(variable))
 
 
 def num_shards_for(num_experts, strategy=None):
@@ -118,110 +128,13 @@ def full_value(variable):
     return np.concatenate([np.asarray(part.numpy()) for part in parts], axis=0)
 
 
-def _all_reduce_sum_gradients_except_shards(original):
-    def all_reduce_sum_gradients(self, grads_and_vars):
-        grads_and_vars = list(grads_and_vars)
-        sharded = [is_sharded(var) for _, var in grads_and_vars]
-        if not any(sharded):
-            return original(self, grads_and_vars)
-        rest = [pair for pair, own in zip(grads_and_vars, sharded, strict=True) if not own]
-        reduced = iter(original(self, rest) if rest else ())
-        # An expert shard's gradient already holds every replica's tokens
-        # (the collectives' backward passes summed them); it stays per replica.
-        return [
-            pair if own else next(reduced)
-            for pair, own in zip(grads_and_vars, sharded, strict=True)
-        ]
-
-    all_reduce_sum_gradients.keras_moe_hook = True
-    return all_reduce_sum_gradients
-
-
-def _slot_follows_reference(original):
-    def add_variable_from_reference(self, reference_variable, *args, **kwargs):
-        slot = original(self, reference_variable, *args, **kwargs)
-        if is_sharded(reference_variable):
-            mark_sharded(slot)  # Adam's moments of replica r's experts live with them
-        return slot
-
-    add_variable_from_reference.keras_moe_hook = True
-    return add_variable_from_reference
-
-
-def _save_full_slots(original):
-    def save_own_variables(self, store):
-        if not any(is_sharded(v) for v in self.variables):
-            return original(self, store)
-        for i, variable in enumerate(self.variables):
-            store[str(i)] = full_value(variable) if is_sharded(variable) else variable.numpy()
-
-    save_own_variables.keras_moe_hook = True
-    return save_own_variables
-
-
-def _load_full_slots(original):
-    def load_own_variables(self, store):
-        sharded = [is_sharded(v) for v in self.variables]
-        if not any(sharded) or len(store.keys()) != len(self.variables):
-            return original(self, store)
-        for i, (variable, own) in enumerate(zip(self.variables, sharded, strict=True)):
-            if own:
-                assign_shards(variable, store[str(i)])
-            else:
-                variable.assign(store[str(i)])
-
-    load_own_variables.keras_moe_hook = True
-    return load_own_variables
-
-
-def _patch(cls, name, wrapper):
-    current = getattr(cls, name)
-    if not getattr(current, "keras_moe_hook", False):
-        setattr(cls, name, wrapper(current))
-
-
-def install_optimizer_hook():
-    """Teach Keras's TensorFlow optimizers about expert shards.
-
-    - Keras's `TFOptimizer._all_reduce_sum_gradients` sums every gradient
-      over the replicas before the update. For a variable marked by
-      `mark_sharded` that sum would add different experts' gradients
-      together; the hook passes those gradients through unchanged and
-      leaves every other variable's all-reduce as it was.
-    - Slot variables (Adam's moments) of a marked variable are marked too,
-      and the optimizer saves and loads them whole (`full_value`,
-      `assign_shards`) like the experts themselves, so a resumed run gets
-      every replica's moments back, and a file saved from `R` replicas
-      loads on one device.
-
-    Installed (once) when an expert-parallel layer is built; variables not
-    marked see no change.
-    """
-    global _HOOK_INSTALLED
-    if _HOOK_INSTALLED:
-        return
-    from keras.src.backend.tensorflow import optimizer as tf_optimizer
-    from keras.src.optimizers import base_optimizer
-
-    _patch(
-        tf_optimizer.TFOptimizer, "_all_reduce_sum_gradients",
-        _all_reduce_sum_gradients_except_shards,
-    )
-    _patch(tf_optimizer.TFOptimizer, "add_variable_from_reference", _slot_follows_reference)
-    _patch(base_optimizer.BaseOptimizer, "save_own_variables", _save_full_slots)
-    _patch(base_optimizer.BaseOptimizer, "load_own_variables", _load_full_slots)
-    _HOOK_INSTALLED = True
-
-
 def _shape_inference_only(num_shards):
     # Keras traces layers in a scratch graph, outside the strategy's
     # replicas, only to learn output shapes (e.g. `fit` building its
     # metrics); no collective can run there and no value is used.
-    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
-
     context = tf.distribute.get_replica_context()
     in_replicas = context is not None and context.num_replicas_in_sync == num_shards
-    return in_symbolic_scope() and not in_replicas
+    return _compat.in_symbolic_scope() and not in_replicas
 
 
 def replica_context_for(num_shards, layer_name):

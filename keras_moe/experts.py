@@ -59,8 +59,10 @@ class FeedForwardExperts(keras.layers.Layer):
             shape `[E / R, ...]`, replica `r`'s component holding experts
             `r E / R ...`), and the layer must be called through
             `keras_moe.expert_parallel.expert_parallel_dispatch` (the MoE
-            layers do). Saved files hold all `E` experts either way, so a
-            model saved from `R` replicas reloads on one device and back.
+            layers do); train it with its optimizer wrapped in
+            `keras_moe.ExpertParallelOptimizer`. Saved files hold all `E`
+            experts either way, so a model saved from `R` replicas reloads
+            on one device and back.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -156,7 +158,6 @@ class FeedForwardExperts(keras.layers.Layer):
     def _initialize_shards(self):
         # The strategy gave every component the same initial value, which
         # would make the experts of different replicas identical copies.
-        ep.install_optimizer_hook()
         for variable in self.weights:
             ep.mark_sharded(variable)
         kernels = [(self.w_in, 0), (self.w_out, 1)]
@@ -170,7 +171,10 @@ class FeedForwardExperts(keras.layers.Layer):
                 component.assign(init(variable.shape, dtype=variable.dtype))
 
     def _own_variables(self):
-        return self._trainable_variables + self._non_trainable_variables
+        # In creation order: the order of Keras's own `save_own_variables`,
+        # so files saved with one shard and with several line up.
+        variables = (self.w_in, self.w_out, self.b_in, self.b_out, self.w_hidden, self.b_hidden)
+        return [v for v in variables if v is not None]
 
     def save_own_variables(self, store):
         """Saves all `E` experts, gathered from the replicas if expert parallel."""

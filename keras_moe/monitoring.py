@@ -34,14 +34,37 @@ MEAN_COLOR = (214, 39, 40)
 
 
 def find_moe_layers(model):
-    """Every `SparseMoEBase` layer of `model`, nested models and layers included."""
-    # `_flatten_layers` walks sublayers of custom layers too, which the public
-    # `Model.layers` (top level only) does not.
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        if isinstance(layer, SparseMoEBase)
-    ]
+    """Every `SparseMoEBase` layer of `model`, nested models and layers included.
+
+    Walks, depth first in the order they were set: a model's `layers`, and
+    for any other layer its public attributes holding layers (directly, or
+    in lists, tuples and dicts), which is how custom layers keep their
+    sublayers. A sublayer kept only under an `_`-prefixed attribute of a
+    custom layer is not found.
+    """
+    found, seen = [], set()
+
+    def visit(item):
+        if isinstance(item, keras.layers.Layer):
+            if id(item) in seen:
+                return
+            seen.add(id(item))
+            if isinstance(item, SparseMoEBase):
+                found.append(item)
+            children = list(item.layers) if isinstance(item, keras.Model) else [
+                value for name, value in vars(item).items() if not name.startswith("_")
+            ]
+        elif isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            return
+        for child in children:
+            visit(child)
+
+    visit(model)
+    return found
 
 
 def top_count(num_experts, top_fraction):

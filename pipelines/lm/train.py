@@ -122,10 +122,10 @@ def save_vocabulary(vocab, run_dir):
 def make_optimizer(train_config):
     """Adam with the paper's schedule (`WarmupInverseSqrt`), from the `train` section."""
     t = train_config
-    return keras.optimizers.Adam(
+    return distribution.expert_parallel_optimizer(keras.optimizers.Adam(
         WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay),
         beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
-    )
+    ), t.expert_parallel)
 
 
 def build_model(config, vocab_size, compile=True):

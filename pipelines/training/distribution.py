@@ -4,11 +4,16 @@ Shared by `lm_train` and `translate_train`:
 
 - `split_cpu`: `--cpu-devices N`, the CPU as N logical devices, so that
   `mirrored` has N replicas on a machine without GPUs;
-- `make_strategy`: the strategy by name (`lm_config.STRATEGIES`); `default`, `mirrored`
-  and `multi_worker` come from `keras_moe.pipelines.training.multi_worker.make_strategy`,
-  `tpu` is built here and fails fast when no TPU answers;
+- `make_strategy`: the one place a strategy is made by name (the names are
+  `lm_config.STRATEGIES`, the values of `train.strategy`); `multi_worker`
+  checks `TF_CONFIG` and waits for its peers
+  (`keras_moe.pipelines.training.multi_worker.multi_worker_strategy`), `tpu`
+  fails fast when no TPU answers;
+- `expert_parallel_optimizer`: the pipelines' optimizer, wrapped in
+  `keras_moe.ExpertParallelOptimizer` when `train.expert_parallel` is set;
 - `check_model`: what a strategy needs of the built model (`tpu`: a static
-  `capacity_factor` in every MoE layer);
+  `capacity_factor` in every MoE layer; expert-parallel layers: a wrapped
+  optimizer);
 - `evaluation_model`: the model the validation callbacks and the final
   evaluation call. An expert-parallel layer runs only inside the strategy's
   replicas, and the evaluations call the model directly (decoding loops,
@@ -31,6 +36,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import expert_parallel as ep
+from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines.lm.config import check_train_keys
 from keras_moe.pipelines.training import multi_worker
@@ -71,33 +77,61 @@ def _tpu_strategy():
     return tf.distribute.TPUStrategy(resolver)
 
 
-def make_strategy(name, *, cpu_devices=None, connect_timeout=60.0):
+def make_strategy(
+    name="default", *, cpu_devices=None, tf_config=None, connect_timeout=60.0,
+    collective_timeout=None,
+):
     """The strategy `train.strategy` names; create it first thing in the process.
 
     Args:
-        name: one of `lm_config.STRATEGIES`. `"mirrored"` is `MirroredStrategy` over
-            every local GPU, or without GPUs over every logical CPU device
-            (see `cpu_devices`); `"multi_worker"` reads `TF_CONFIG` and waits
-            up to `connect_timeout` seconds for the peers
-            (`keras_moe.pipelines.training.multi_worker.make_strategy`); `"tpu"` resolves,
-            connects to and initializes the TPU system.
+        name: one of `lm_config.STRATEGIES`. `"default"` is the current
+            (default) strategy; `"mirrored"` is `MirroredStrategy` over every
+            local GPU, or without GPUs over every logical CPU device (see
+            `cpu_devices`); `"multi_worker"` checks `tf_config` and waits up
+            to `connect_timeout` seconds for the peers
+            (`keras_moe.pipelines.training.multi_worker.multi_worker_strategy`);
+            `"tpu"` resolves, connects to and initializes the TPU system.
         cpu_devices: optional int, split the CPU first (`split_cpu`).
+        tf_config: `"multi_worker"` only: the cluster (JSON text or dict;
+            `$TF_CONFIG` when None).
         connect_timeout: seconds, for `"multi_worker"`.
+        collective_timeout: `"multi_worker"` only: seconds after which a
+            collective fails instead of waiting for a dead peer (None: wait).
 
     Raises:
-        ValueError: an unknown name, a bad `TF_CONFIG`, or `"tpu"` with no
-            TPU reachable (`no TPU found: ...`).
+        ValueError: an unknown name (`Received: strategy=...`), a bad
+            `TF_CONFIG`, or `"tpu"` with no TPU reachable (`no TPU found: ...`).
         RuntimeError: `"multi_worker"` peers not reachable in time.
     """
     check_train_keys(name, False)
     if cpu_devices is not None:
         split_cpu(cpu_devices)
-    if name == "tpu":
-        return _tpu_strategy()
-    if name == "mirrored" and not tf.config.list_physical_devices("GPU"):
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if tf.config.list_physical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
         devices = [device.name for device in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    return multi_worker.make_strategy(name, connect_timeout=connect_timeout)
+    if name == "tpu":
+        return _tpu_strategy()
+    return multi_worker.multi_worker_strategy(
+        tf_config, connect_timeout=connect_timeout, collective_timeout=collective_timeout
+    )
+
+
+def expert_parallel_optimizer(optimizer, expert_parallel):
+    """`optimizer` as the pipelines train with it: wrapped when `expert_parallel`.
+
+    An expert-parallel model needs `keras_moe.ExpertParallelOptimizer` (its
+    expert shards' gradients must not be all-reduced); any other model
+    keeps the optimizer as it is, and its saved files with it.
+
+    Args:
+        optimizer: a `keras.optimizers.Optimizer`.
+        expert_parallel: bool, `train.expert_parallel`.
+    """
+    return ExpertParallelOptimizer(optimizer) if expert_parallel else optimizer
 
 
 def is_chief(strategy):
@@ -114,9 +148,22 @@ def task_id(strategy):
 def check_model(model, strategy_name):
     """ValueError when the built model cannot run under `strategy_name`.
 
-    TPUs compile with XLA, which needs static shapes: the dropless dispatch's
-    per-expert sizes are data dependent, the capacity dispatch's are not.
+    A compiled model with expert-parallel layers needs its optimizer wrapped
+    in `keras_moe.ExpertParallelOptimizer` (a plain one would sum different
+    experts' gradients). TPUs compile with XLA, which needs static shapes:
+    the dropless dispatch's per-expert sizes are data dependent, the
+    capacity dispatch's are not.
     """
+    optimizer = getattr(model, "optimizer", None)
+    if (
+        optimizer is not None and is_expert_parallel(model)
+        and not isinstance(optimizer, ExpertParallelOptimizer)
+    ):
+        raise ValueError(
+            "The model has expert-parallel layers: its optimizer must be wrapped in "
+            "`keras_moe.ExpertParallelOptimizer` (see `expert_parallel_optimizer`). "
+            f"Received: optimizer={type(optimizer).__name__}"
+        )
     if strategy_name != "tpu":
         return
     for layer in find_moe_layers(model):

@@ -8,8 +8,9 @@ gradients. `train` is built from those parts only, for any Keras model (MoE
 layers included) under any strategy (tested: the default strategy and two
 worker processes).
 
-`make_strategy` builds the strategy by name. For `"multi_worker"` it reads
-and checks `TF_CONFIG` first and waits (with a deadline) until every peer
+`multi_worker_strategy` builds the strategy (the pipelines' one
+`make_strategy`, in `keras_moe.pipelines.training.distribution`, calls it for
+`train.strategy: multi_worker`). It reads and checks `TF_CONFIG` first and waits (with a deadline) until every peer
 accepts a TCP connection: TensorFlow itself waits for absent peers without a
 time limit (`ensure_initialized` blocks; the coordination service's
 `cluster_register_timeout_in_ms` did not end the wait on TensorFlow 2.21).
@@ -28,8 +29,6 @@ import keras
 import tensorflow as tf
 
 from keras_moe.validation import check_int
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,30 +174,23 @@ def wait_for_peers(config, timeout):
         listener.close()
 
 
-def make_strategy(name="default", *, tf_config=None, connect_timeout=60.0, collective_timeout=None):
-    """A `tf.distribute` strategy by name: `"default"`, `"mirrored"` or `"multi_worker"`.
+def multi_worker_strategy(tf_config=None, *, connect_timeout=60.0, collective_timeout=None):
+    """`MultiWorkerMirroredStrategy` with RING collectives, after checking the cluster.
 
-    `"multi_worker"` builds `MultiWorkerMirroredStrategy` with RING
-    collectives from `tf_config` (JSON text or dict; `$TF_CONFIG` when None),
-    after `parse_tf_config` and `wait_for_peers`. Create it first thing in
-    the program: TensorFlow refuses to configure collectives once it has run
-    any operation.
+    Reads `tf_config` (JSON text or dict; `$TF_CONFIG` when None), checks it
+    (`parse_tf_config`) and waits for the peers (`wait_for_peers`). Create it
+    first thing in the program: TensorFlow refuses to configure collectives
+    once it has run any operation. The pipelines reach it through
+    `distribution.make_strategy("multi_worker")`.
 
     Args:
-        name: one of `STRATEGIES`.
-        tf_config: the cluster, for `"multi_worker"` only.
+        tf_config: the cluster.
         connect_timeout: seconds to wait for the peers before `RuntimeError`.
         collective_timeout: seconds after which a collective (all-reduce)
             fails with `DeadlineExceededError` instead of waiting for a dead
             peer; None waits forever. TensorFlow spawns a thread per
             collective to enforce it, so keep it for debugging.
     """
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name != "multi_worker":
-        raise ValueError(f"`name` must be one of {STRATEGIES}. Received: name={name!r}")
     config = parse_tf_config(tf_config)
     wait_for_peers(config, connect_timeout)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
@@ -295,7 +287,7 @@ def train(
             worker (`shard` by `context.input_pipeline_id`). It must yield at
             least `steps` batches per replica (use `repeat()`): a worker that
             runs dry stops, and the others then fail too.
-        strategy: a `tf.distribute.Strategy` (see `make_strategy`).
+        strategy: a `tf.distribute.Strategy` (see `distribution.make_strategy`).
         steps: int, the step to stop at (counted from the first run).
         checkpoint_dir: optional directory, shared by all workers.
         checkpoint_every: int, steps between checkpoints.

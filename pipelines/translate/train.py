@@ -113,10 +113,10 @@ def build_vocabulary(config, run_dir):
 def make_optimizer(train_config):
     """Adam with App. E's schedule (`WarmupInverseSqrt` with `hold_steps`)."""
     t = train_config
-    return keras.optimizers.Adam(
+    return distribution.expert_parallel_optimizer(keras.optimizers.Adam(
         WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay, hold_steps=t.hold_steps),
         beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
-    )
+    ), t.expert_parallel)
 
 
 def build_model(config, vocab_size, compile=True):

@@ -28,6 +28,20 @@ import keras_moe  # noqa: E402
 from keras_moe import expert_parallel as ep  # noqa: E402
 
 D, N = 6, 32  # N tokens in the global batch, N / REPLICAS per replica
+CLIPNORM = 0.05  # below every expert gradient's norm here: clipping is active
+
+# Keras classes whose members a library could patch; `patched_members`
+# compares them before and after everything below ran.
+WATCHED = (keras.optimizers.Optimizer, keras.optimizers.Adam, keras.optimizers.SGD,
+           keras.layers.Layer, keras.Model)
+
+
+def class_members():
+    return {
+        (cls.__name__, name): id(value)
+        for cls in WATCHED for klass in cls.__mro__ for name, value in vars(klass).items()
+        if not name.startswith("__")  # Python fills in e.g. `__annotations__` lazily
+    }
 
 
 def make_layer(kind, scope, expert_parallel=False, expert_dropout=0.0):
@@ -137,8 +151,13 @@ def make_model(strategy, kind, scope, expert_parallel=False, optimizer="sgd"):
         head.kernel.assign(rng.normal(0.0, 0.5, head.kernel.shape).astype("float32"))
         if optimizer == "sgd":
             optimizer = keras.optimizers.SGD(0.5)
+        elif optimizer == "sgd_clipnorm":
+            optimizer = keras.optimizers.SGD(0.5, clipnorm=CLIPNORM)
         else:
             optimizer = keras.optimizers.Adam(0.05)
+        if expert_parallel:
+            # The explicit opt-in: expert shards skip the all-reduce.
+            optimizer = keras_moe.ExpertParallelOptimizer(optimizer)
         model.compile(optimizer, "mse")
     return model
 
@@ -172,6 +191,21 @@ def expert_parallel_checks(mirrored, one_device, x, t, r, report):
         report[f"ep_{kind}_{optimizer}_fit"] = {
             "difference": largest(weights, reference), "moved": largest(reference, initial),
         }
+
+    # Clipping by norm clips an expert's whole gradient (every replica's
+    # shard), as one device does: after one step the experts are equal.
+    # (The dense weights are not: Keras clips each replica's gradient of
+    # them before summing.)
+    clipped = {}
+    for where, strategy, mode in (("one", one_device, False), ("replicas", mirrored, True)):
+        model = make_model(strategy, "flat", "global", mode, "sgd_clipnorm")
+        before = values(model.get_layer("moe").experts.weights)
+        model.fit(x[:N], t[:N], batch_size=N, epochs=1, shuffle=False, verbose=0)
+        clipped[where] = (before, values(model.get_layer("moe").experts.weights))
+    report["ep_clipnorm_step"] = {
+        "difference": largest(clipped["replicas"][1], clipped["one"][1]),
+        "moved": largest(clipped["one"][1], clipped["one"][0]),
+    }
 
     # Memory: bytes of expert weights each replica's device holds.
     per_device = {}
@@ -271,6 +305,7 @@ def main():
     mirrored = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
     one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
     report = {}
+    members = class_members()
     r = rng.normal(size=(N, D)).astype("float32")
     for kind in ("flat", "hier"):
         y1, aux1, g1 = single_device(kind, x[:N], r)
@@ -296,6 +331,10 @@ def main():
         report[f"{kind}_moved"] = moved
         report[f"{kind}_replicas"] = int(mirrored.num_replicas_in_sync)
     expert_parallel_checks(mirrored, one_device, x, t, r, report)
+    after = class_members()
+    report["patched_members"] = sorted(
+        f"{cls}.{name}" for (cls, name), value in after.items() if members.get((cls, name)) != value
+    )
     print("RESULT " + json.dumps(report))
     return 0
 

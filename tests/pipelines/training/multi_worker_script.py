@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_moe  # noqa: E402
-from keras_moe.pipelines.training import multi_worker  # noqa: E402
+from keras_moe.pipelines.training import distribution, multi_worker  # noqa: E402
 
 D = 6  # input width
 GLOBAL_BATCH = 16  # rows per step, over all replicas
@@ -98,7 +98,7 @@ def main():
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     started = time.time()
-    strategy = multi_worker.make_strategy(args.strategy, connect_timeout=60)
+    strategy = distribution.make_strategy(args.strategy, connect_timeout=60)
     model, history = run(strategy, args)
     history["replicas"] = int(strategy.num_replicas_in_sync)
     history["seconds"] = time.time() - started
