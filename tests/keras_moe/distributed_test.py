@@ -22,12 +22,11 @@ compares one device with:
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_to_completion
 
 SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "mirrored_script.py"
 
@@ -36,8 +35,9 @@ SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "mirrored_script.py"
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mirrored")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EP_SCRIPT_TMP": str(tmp)}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=400, env=env,
+    # Typically 70-120 s (4 logical devices tracing many steps); a hang guard only.
+    done = run_to_completion(
+        [sys.executable, str(SCRIPT)], typical_s=120, capture_output=True, text=True, env=env,
         cwd=str(REPO_ROOT),
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
