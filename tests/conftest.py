@@ -44,12 +44,14 @@ def run_to_completion(command, *, typical_s, **kwargs):
             if data:
                 text = data.decode(errors="replace") if isinstance(data, bytes) else data
                 tails.append(f"--- {name} (last 3000 characters) ---\n{text[-3000:]}")
-        pytest.fail(
+        message = (
             f"{' '.join(map(str, command))[:500]}\nwas still running after "
             f"{time.monotonic() - started:.0f} s (limit {limit:.0f} s, {PATIENCE:g} x its "
             f"typical {typical_s:g} s on an idle 2-core machine) and was killed: a hang, or a "
             "machine far slower than that (set KERAS_MOE_TEST_PATIENCE).\n" + "\n".join(tails)
         )
+    # Outside the `except`: the report is this message, not subprocess's traceback.
+    pytest.fail(message)
 
 
 def require_shared_data(*parts):
