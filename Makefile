@@ -35,12 +35,15 @@ lint: $(STAMP)
 # fixtures are built once.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
+# `make test`: every test not marked `slow`, under 8 minutes on 2 idle cores.
+# `make test-slow`: the longer end-to-end and learning checks (docs/testing.md);
+# CI runs both. pytest exits 5 when a selection holds no test: not a failure.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m slow tests || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py

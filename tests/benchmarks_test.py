@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+import pytest
+
+from tests.conftest import REPO_ROOT, patient
 
 
 def _load(name):
@@ -16,6 +18,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow  # 45 s
 def test_moe_layer_benchmark_quick_grid_writes_json(tmp_path, capsys):
     bench = _load("moe_layer")
     out = tmp_path / "moe_layer.json"
@@ -37,6 +40,7 @@ def test_moe_layer_benchmark_quick_grid_writes_json(tmp_path, capsys):
     assert "ideal" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 61 s
 def test_lm_throughput_benchmark_quick_writes_json(tmp_path, capsys):
     bench = _load("lm_throughput")
     out = tmp_path / "lm_throughput.json"
@@ -53,13 +57,14 @@ def test_lm_throughput_benchmark_quick_writes_json(tmp_path, capsys):
     assert "dense/MoE" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 67 s: a new process with 2 logical devices
 def test_distributed_benchmark_counts_what_each_replica_sends(tmp_path):
     out = tmp_path / "distributed.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "distributed.py"), "--quick",
          "--replicas", "2", "--out", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=patient(90),
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "expert B/replica" in done.stdout

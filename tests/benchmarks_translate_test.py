@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 PER_PRESET = {
@@ -16,6 +18,7 @@ PER_PRESET = {
 }
 
 
+@pytest.mark.slow  # 46 s
 def test_translate_throughput_quick_writes_json(tmp_path):
     out = tmp_path / "x.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

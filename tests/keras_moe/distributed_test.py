@@ -23,12 +23,11 @@ compares one device with:
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_to_completion
 
 SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "mirrored_script.py"
 
@@ -37,8 +36,9 @@ SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "mirrored_script.py"
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mirrored")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EP_SCRIPT_TMP": str(tmp)}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600, env=env,
+    # A hang guard only: 120 s beside a loaded suite, 315 s at load average 6.
+    done = run_to_completion(
+        [sys.executable, str(SCRIPT)], typical_s=150, capture_output=True, text=True, env=env,
         cwd=str(REPO_ROOT),
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

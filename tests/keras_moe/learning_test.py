@@ -26,6 +26,7 @@ well under a minute and a half on two CPU cores.
 
 import keras
 import numpy as np
+import pytest
 
 import keras_moe
 
@@ -122,6 +123,7 @@ def moe_vs_dense(data_seed=DATA_SEED, layer_seed=LAYER_SEED):
     }
 
 
+@pytest.mark.slow  # 47 s: an MoE and a dense FFN trained to convergence
 def test_moe_beats_compute_matched_dense_ffn():
     r = moe_vs_dense()
     print(

@@ -52,8 +52,11 @@ NUM_BATCHES = 6  # one epoch: 6 steps
 EVERY = 2  # writes at steps 2, 4, 6, each summing its 2 steps (window = every_n_steps)
 WRITE_STEPS = [2, 4, 6]
 HOST = "127.0.0.1"
-START_TIMEOUT_S = 30.0
-LOAD_TIMEOUT_S = 15.0
+# Hang guards only: the server starts in 5-15 s and loads new events within a
+# few 1 s reload intervals; a busy machine may take several times as long.
+START_TIMEOUT_S = 120.0
+LOAD_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 30.0
 
 # Talk to 127.0.0.1 directly, even when the environment sets an HTTP proxy.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -69,7 +72,7 @@ def _get_json(port, path, **params):
     url = f"http://{HOST}:{port}{path}"
     if params:
         url += "?" + urllib.parse.urlencode(params)
-    with _OPENER.open(url, timeout=5) as response:
+    with _OPENER.open(url, timeout=REQUEST_TIMEOUT_S) as response:
         assert response.status == 200, (url, response.status)
         return json.loads(response.read().decode("utf-8"))
 

@@ -23,11 +23,14 @@ import keras_moe.models  # noqa: F401 - registers the model classes for load_mod
 from keras_moe.models.lm import LanguageModel
 from keras_moe.pipelines import cli
 from keras_moe.pipelines.training import distribution
+from tests.conftest import patient
 from tests.pipelines.lm.train_test import write_corpus
 from tests.pipelines.training.multi_worker_test import free_ports, kill, tf_config
 from tests.pipelines.translate.train_test import write_pairs
 
-TIMEOUT = 240  # seconds for one training process (or a worker pair)
+# A hang guard for one training process (or a worker pair): typically 10-20 s,
+# the slow translate test's 35-60 s.
+TIMEOUT = patient(60)
 
 LM_TINY = [
     "model.preset=cpu-moe-32", "model.model_dim=16", "model.num_experts=4",

@@ -35,7 +35,7 @@ def locale_root(tmp_path_factory):
     return root
 
 
-TINY = ["--minutes", "0.3", "--model-dim", "16", "--expert-hidden-dim", "8",
+TINY = ["--minutes", "0.05", "--model-dim", "16", "--expert-hidden-dim", "8",
         "--vocab-size", "120", "--batch-tokens", "256", "--steps-per-eval", "4",
         "--eval-sentences", "12", "--beam-width", "2"]
 

@@ -17,6 +17,7 @@ def corpus(tmp_path):
     return write_corpus(tmp_path)
 
 
+@pytest.mark.slow  # 205 s: 300 training steps to BLEU > 60
 def test_the_model_learns_the_substitution(corpus, tmp_path):
     """300 steps take a random model to high BLEU on held-out sentences.
 
