@@ -240,3 +240,27 @@ def test_moe_output_scale_round_trips_and_bad_values_are_named():
         with pytest.raises(ValueError, match=f"moe_output_scale.*Received: moe_output_scale={bad!r}"):
             LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K,
                           moe_output_scale=bad)
+
+
+def test_sampled_softmax_fit_logs_the_per_epoch_mean_loss_and_routing_metrics():
+    # The sampled step keeps its own batch-weighted loss mean; `fit` resets it at
+    # each epoch (through `reset_metrics`), so epoch 2's loss covers epoch 2 only.
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
+                          num_sampled=5)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: every epoch sees the same model
+    x = np.random.default_rng(0).integers(1, V, size=(12, 7)).astype("int32")
+    y = np.roll(x, -1, axis=1)
+    seen = []
+
+    class Batches(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(float(logs["loss"]))
+
+    history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[Batches()])
+    # 3 batches of 4 rows per epoch, counted once: a tracker never reset would hold 24.
+    assert float(model.sampled_loss_tracker.count.numpy()) == 12
+    # The epoch's loss is the running mean at its last batch.
+    assert history.history["loss"] == pytest.approx([seen[2], seen[5]], rel=1e-6)
+    # The MoE layer's routing metrics reach the logs of the sampled step.
+    assert "moe_cv_load" in history.history
