@@ -188,8 +188,6 @@ class LanguageModel(keras.Model):
         self.moe_output_scale = float(moe_output_scale)
         self.expert_dropout = float(expert_dropout)
         self.num_sampled = num_sampled
-        # The training loss of the sampled-softmax step (see `train_step`).
-        self.sampled_loss_tracker = keras.metrics.Mean(name="loss")
         self.unroll = bool(unroll)
         if not isinstance(expert_parallel, bool):
             raise ValueError(
@@ -304,21 +302,19 @@ class LanguageModel(keras.Model):
             scaled = self.optimizer.scale_loss(loss / replicas)
         variables = self.trainable_weights
         self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables, strict=True))
-        # A batch-size-weighted mean, as Keras's own loss tracker keeps it, so
-        # that `fit` logs report `loss` exactly as in the full-softmax path.
-        self.sampled_loss_tracker.update_state(loss, sample_weight=tf.shape(x)[0])
+        # Keras's own loss tracker (the `metrics` entry named "loss", which
+        # `fit` reads its `loss` log from) gets the sampled loss, weighted by
+        # the batch size as Keras weights it: `loss` is then logged exactly as
+        # in the full-softmax path, and `evaluate` keeps its full-softmax loss.
+        tracker = next(m for m in self.metrics if m.name == "loss")
+        tracker.update_state(loss, sample_weight=tf.shape(x)[0])
         # Compiled metrics need the full logits, which this step never builds;
         # the routing metrics of the MoE layers are reported as usual.
-        logs = {"loss": self.sampled_loss_tracker.result()}
+        logs = {"loss": tracker.result()}
         for layer in find_moe_layers(self):
             logs.update({m.name: m.result() for m in layer.metrics})
         return logs
 
-    def reset_metrics(self):
-        # `fit` and `evaluate` call this at each epoch's start; the sampled
-        # loss's mean is then per epoch, like the metrics Keras tracks itself.
-        super().reset_metrics()
-        self.sampled_loss_tracker.reset_state()
 
     def get_config(self):
         config = {

@@ -243,8 +243,8 @@ def test_moe_output_scale_round_trips_and_bad_values_are_named():
 
 
 def test_sampled_softmax_fit_logs_the_per_epoch_mean_loss_and_routing_metrics():
-    # The sampled step keeps its own batch-weighted loss mean; `fit` resets it at
-    # each epoch (through `reset_metrics`), so epoch 2's loss covers epoch 2 only.
+    # The sampled step feeds Keras's loss tracker (found through `metrics`); `fit`
+    # resets it at each epoch, so epoch 2's loss covers epoch 2 only.
     model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
                           num_sampled=5)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: every epoch sees the same model
@@ -259,8 +259,16 @@ def test_sampled_softmax_fit_logs_the_per_epoch_mean_loss_and_routing_metrics():
     history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
                         callbacks=[Batches()])
     # 3 batches of 4 rows per epoch, counted once: a tracker never reset would hold 24.
-    assert float(model.sampled_loss_tracker.count.numpy()) == 12
+    tracker = next(m for m in model.metrics if m.name == "loss")
+    assert float(tracker.count.numpy()) == 12
     # The epoch's loss is the running mean at its last batch.
     assert history.history["loss"] == pytest.approx([seen[2], seen[5]], rel=1e-6)
     # The MoE layer's routing metrics reach the logs of the sampled step.
     assert "moe_cv_load" in history.history
+    # `evaluate` reports the full softmax's cross-entropy, not the sampled step's mean.
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    logits = model(x, training=False)
+    full = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    assert model.evaluate(x, y, batch_size=12, verbose=0, return_dict=True)["loss"] \
+        == pytest.approx(float(full) + sum(float(v) for v in model.losses), rel=1e-4)
