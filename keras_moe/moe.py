@@ -16,7 +16,12 @@ from keras_moe.gating import (
     SwitchGating,
     validate_common,
 )
-from keras_moe.routing import Routing, make_routing_metrics, update_routing_metrics
+from keras_moe.routing import (
+    make_routing,
+    make_routing_metrics,
+    scatter_rows,
+    update_routing_metrics,
+)
 from keras_moe.validation import check_int, check_rate
 
 
@@ -38,28 +43,13 @@ def validate_capacity_factor(capacity_factor):
 def make_gating(gating, num_experts, k, importance_weight, load_weight, noise_epsilon,
                 threshold_weight, seed):
     """The gating layer (named `"gating"`) behind an `MoE`'s `gating` name."""
+    shared = dict(importance_weight=importance_weight, load_weight=load_weight, seed=seed,
+                  name="gating")
     if gating == "batchwise":
-        return BatchwiseGating(
-            num_experts, k, importance_weight, load_weight, threshold_weight,
-            seed=seed, name="gating",
-        )
-    if gating == "switch":
-        return SwitchGating(num_experts, k, importance_weight, load_weight, seed=seed,
-                            name="gating")
-    if gating == "softmax":
-        return SoftmaxGating(num_experts, k, importance_weight, load_weight, seed=seed,
-                             name="gating")
-    return NoisyTopKGating(
-        num_experts, k, gating, importance_weight, load_weight, noise_epsilon,
-        seed=seed, name="gating",
-    )
-
-
-def _scatter_rows(rows, index, num_rows, fill):
-    """Put `rows[i]` at row `index[i]` of a `[num_rows, ...]` tensor of `fill`."""
-    shape = tf.concat([[num_rows], tf.shape(rows)[1:]], axis=0)
-    base = tf.fill(shape, tf.cast(fill, rows.dtype))
-    return tf.tensor_scatter_nd_update(base, index[:, None], rows)
+        return BatchwiseGating(num_experts, k, threshold_weight=threshold_weight, **shared)
+    if gating in ("switch", "softmax"):
+        return {"switch": SwitchGating, "softmax": SoftmaxGating}[gating](num_experts, k, **shared)
+    return NoisyTopKGating(num_experts, k, gating, noise_epsilon=noise_epsilon, **shared)
 
 
 class _Tokens(NamedTuple):
@@ -259,7 +249,10 @@ class SparseMoEBase(keras.layers.Layer):
         if training:
             aux_loss = self._global_balancing_loss(decision)
             self.add_loss(aux_loss)
-        routing = self._routing(decision, tokens, aux_loss, dropped, exchanged)
+        routing = make_routing(
+            decision, aux_loss, dropped, exchanged, tokens.lead_shape,
+            kept=tokens.kept, weight=tokens.weight, num_positions=tokens.num_positions,
+        )
         self._report(inputs, routing, training)
         y = self._restore(y, tokens)
         return (y, routing) if return_routing else y
@@ -319,7 +312,7 @@ class SparseMoEBase(keras.layers.Layer):
     def _restore(self, y, tokens):
         """Answers of the routed rows back to `[..., out]` (masked positions: 0)."""
         if tokens.kept is not None:
-            y = _scatter_rows(y, tokens.kept, tokens.num_positions, 0.0)
+            y = scatter_rows(y, tokens.kept, tokens.num_positions, 0.0)
         elif tokens.weight is not None:
             y = y * tf.cast(tokens.weight, y.dtype)[:, None]
         return tf.reshape(y, tf.concat([tokens.lead_shape, tf.shape(y)[1:]], axis=0))
@@ -364,43 +357,6 @@ class SparseMoEBase(keras.layers.Layer):
             for n, t in zip(names, tf.split(summed, sizes), strict=True)
         }
         return self.gating.balancing_loss(totals) + decision.local_loss
-
-    def _routing(self, decision, tokens, aux_loss, dropped, exchanged):
-        indices, gates = decision.top_indices, decision.top_gates
-        logits, noise_std = decision.clean_logits, decision.noise_std
-        kept, num_positions = tokens.kept, tokens.num_positions
-        if kept is not None:
-            indices = _scatter_rows(indices, kept, num_positions, -1)
-            gates = _scatter_rows(gates, kept, num_positions, 0.0)
-            logits = _scatter_rows(logits, kept, num_positions, 0.0)
-            if noise_std is not None:
-                noise_std = _scatter_rows(noise_std, kept, num_positions, 0.0)
-        elif tokens.weight is not None:
-            valid = tokens.weight[:, None] > 0
-            indices = tf.where(valid, indices, -1)
-            gates = tf.where(valid, gates, 0.0)
-
-        def unflatten(t):
-            if t is None:
-                return None
-            return tf.reshape(t, tf.concat([tokens.lead_shape, tf.shape(t)[1:]], axis=0))
-
-        primary = decision.primary
-        return Routing(
-            expert_indices=unflatten(indices),
-            gates=unflatten(gates),
-            importance=decision.importance,
-            load=decision.load,
-            counts=decision.counts,
-            dropped_fraction=dropped,
-            aux_loss=aux_loss,
-            clean_logits=unflatten(logits),
-            noise_std=unflatten(noise_std),
-            primary_importance=None if primary is None else primary.importance,
-            primary_load=None if primary is None else primary.load,
-            exchanged_elements=exchanged,
-            primary_counts=None if primary is None else primary.counts,
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")

@@ -119,3 +119,61 @@ def update_routing_metrics(metrics, importance, counts, dropped_fraction):
     values = batch_statistics(importance, counts, dropped_fraction)
     for name, metric in zip(STATISTIC_NAMES, metrics, strict=False):
         metric.update_state(values[name])
+
+
+def scatter_rows(rows, index, num_rows, fill):
+    """Put `rows[i]` at row `index[i]` of a `[num_rows, ...]` tensor of `fill`."""
+    shape = tf.concat([[num_rows], tf.shape(rows)[1:]], axis=0)
+    base = tf.fill(shape, tf.cast(fill, rows.dtype))
+    return tf.tensor_scatter_nd_update(base, index[:, None], rows)
+
+
+def make_routing(decision, aux_loss, dropped, exchanged, lead_shape, kept=None, weight=None,
+                 num_positions=None):
+    """The `Routing` of one call from its flat `GateDecision`.
+
+    Args:
+        decision: the gate's `GateDecision` over the routed rows.
+        aux_loss, dropped, exchanged: the call's loss, dropped share and
+            expert-parallel traffic (or None).
+        lead_shape: int32 `[rank - 1]`, the input's leading dimensions.
+        kept: int32 `[n]` or None: the positions the rows came from (masked
+            positions were not routed); they are scattered back among
+            `num_positions`, the others get expert `-1`, gate 0.
+        weight: float32 `[N]` or None: 0 for masked positions that were
+            routed (capacity mode); they are reported as `-1` / 0 too.
+    """
+    indices, gates = decision.top_indices, decision.top_gates
+    logits, noise_std = decision.clean_logits, decision.noise_std
+    if kept is not None:
+        indices = scatter_rows(indices, kept, num_positions, -1)
+        gates = scatter_rows(gates, kept, num_positions, 0.0)
+        logits = scatter_rows(logits, kept, num_positions, 0.0)
+        if noise_std is not None:
+            noise_std = scatter_rows(noise_std, kept, num_positions, 0.0)
+    elif weight is not None:
+        valid = weight[:, None] > 0
+        indices = tf.where(valid, indices, -1)
+        gates = tf.where(valid, gates, 0.0)
+
+    def unflatten(t):
+        if t is None:
+            return None
+        return tf.reshape(t, tf.concat([lead_shape, tf.shape(t)[1:]], axis=0))
+
+    primary = decision.primary
+    return Routing(
+        expert_indices=unflatten(indices),
+        gates=unflatten(gates),
+        importance=decision.importance,
+        load=decision.load,
+        counts=decision.counts,
+        dropped_fraction=dropped,
+        aux_loss=aux_loss,
+        clean_logits=unflatten(logits),
+        noise_std=unflatten(noise_std),
+        primary_importance=None if primary is None else primary.importance,
+        primary_load=None if primary is None else primary.load,
+        exchanged_elements=exchanged,
+        primary_counts=None if primary is None else primary.counts,
+    )
