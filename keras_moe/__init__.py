@@ -4,11 +4,11 @@ Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated
 Mixture-of-Experts Layer", arXiv:1701.06538.
 """
 
-from keras_moe import losses
+from keras_moe import losses, statistics
 from keras_moe.batchwise import BatchwiseGating
 from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
-from keras_moe.gating import NoisyTopKGating
+from keras_moe.gating import NoisyTopKGating, SoftmaxGating, SwitchGating
 from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
 from keras_moe.moe import MoE
 from keras_moe.monitoring import RoutingMonitor
@@ -29,5 +29,8 @@ __all__ = [
     "NoisyTopKGating",
     "Routing",
     "RoutingMonitor",
+    "SoftmaxGating",
+    "SwitchGating",
     "losses",
+    "statistics",
 ]

@@ -88,6 +88,10 @@ class BatchwiseGating(keras.layers.Layer):
     [4, 4, 4, 4]
     """
 
+    # Experts choose tokens, so a token's choices are not ranked: no pair
+    # has priority over another when capacity is short.
+    top_k_routing = False
+
     def __init__(
         self,
         num_experts,

@@ -1,4 +1,11 @@
-"""Noisy top-k gating (Shazeer et al. 2017, Eq. 3-5) and its relatives."""
+"""Single-level gating networks: noisy top-k (Shazeer et al. 2017, Eq. 3-5), switch, softmax.
+
+Every gate is a layer that maps `[N, d]` tokens to a `GateDecision` and
+recomputes its balancing loss from batch sums (`balancing_loss`), which is
+what `SparseMoEBase` needs of a gate. `top_k_routing` tells the dispatcher
+whether a token's choices are ranked (laid out `[N, k]`, best first), so
+that first choices can be served before second ones.
+"""
 
 import keras
 import tensorflow as tf
@@ -93,8 +100,67 @@ def decision_from_top_k(top_indices, top_gates, num_experts, weight, load_prob):
     )
 
 
+
+def _check_weight(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative number. Received: {name}={value}")
+
+
+class _LinearGating(keras.layers.Layer):
+    """A gate on the logits `x W_g` with `W_g` starting at zero (App. A).
+
+    Holds what the single-level gates share: the arguments, `W_g`, the float32
+    cast of the tokens and of their weights.
+    """
+
+    top_k_routing = True
+    noisy = False
+
+    def __init__(self, num_experts, k, importance_weight, load_weight, seed, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        validate_common(num_experts, k, importance_weight, load_weight, 0.0)
+        self.num_experts = num_experts
+        self.k = k
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.seed = seed
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        self.w_gate = self.add_weight(
+            name="w_gate", shape=(d, self.num_experts), initializer="zeros"
+        )
+
+    def _logits(self, inputs, weight):
+        x = tf.cast(inputs, tf.float32)
+        if weight is None:
+            weight = tf.ones(tf.shape(x)[:1], tf.float32)
+        weight = tf.cast(weight, tf.float32)
+        return x, tf.matmul(x, tf.cast(self.w_gate, tf.float32)), weight
+
+    def get_config(self):
+        config = {
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}
+
+
+class _WithoutNoiseWeights(_LinearGating):
+    def load_own_variables(self, store):
+        # `.keras` files saved before this gate had its own class hold the
+        # unused `W_noise` of `NoisyTopKGating` as a second variable.
+        if len(store.keys()) == 2:
+            store = {"0": store["0"]}
+        super().load_own_variables(store)
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
-class NoisyTopKGating(keras.layers.Layer):
+class NoisyTopKGating(_LinearGating):
     """Noisy top-k gating network of the sparsely-gated MoE layer.
 
     Implements `G(x) = Softmax(KeepTopK(H(x), k))` with
@@ -112,22 +178,14 @@ class NoisyTopKGating(keras.layers.Layer):
     Without noise (inference, or `gating="top_k"`) Load is the count of
     tokens per expert, which has no gradient; nothing divides by zero.
 
-    Other rules chosen by `gating`:
-    - `"top_k"`: the same without noise.
-    - `"softmax"`: a dense mixture of all experts (Jacobs et al. 1991):
-      `Softmax(x W_g)`; requires `k == num_experts`.
-    - `"switch"`: top-1 routing of Switch Transformers (Fedus et al. 2021):
-      the gate is the router probability of the chosen expert (not 1), and
-      the auxiliary loss is `load_weight * E * sum_i f_i P_i` plus the
-      importance loss; requires `k == 1`.
-
     Routing is always computed in float32, whatever the dtype policy of the
-    enclosing layer.
+    enclosing layer. For the switch and dense softmax rules see
+    `SwitchGating` and `SoftmaxGating`.
 
     Args:
         num_experts: int, number of experts `E`.
         k: int, experts per token, `1 <= k <= E`.
-        gating: one of `"noisy_top_k"`, `"top_k"`, `"softmax"`, `"switch"`.
+        gating: `"noisy_top_k"`, or `"top_k"` (the same without noise).
         importance_weight: float >= 0, `w_importance`.
         load_weight: float >= 0, `w_load`.
         noise_epsilon: float >= 0, added to the noise std.
@@ -161,50 +219,40 @@ class NoisyTopKGating(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon)
-        if gating not in ("noisy_top_k", "top_k", "softmax", "switch"):
+        super().__init__(num_experts, k, importance_weight, load_weight, seed, **kwargs)
+        _check_weight("noise_epsilon", noise_epsilon)
+        if gating not in ("noisy_top_k", "top_k"):
+            hint = {"switch": " (use SwitchGating)", "softmax": " (use SoftmaxGating)"}
             raise ValueError(
-                "`gating` must be one of 'noisy_top_k', 'top_k', 'softmax', "
-                f"'switch' for NoisyTopKGating. Received: gating={gating!r}"
+                "`gating` of NoisyTopKGating must be 'noisy_top_k' or 'top_k'"
+                f"{hint.get(gating, '')}. Received: gating={gating!r}"
             )
-        if gating == "switch" and k != 1:
-            raise ValueError(
-                "gating='switch' sends each token to exactly one expert; pass k=1. "
-                f"Received: k={k}"
-            )
-        if gating == "softmax" and k != num_experts:
-            raise ValueError(
-                "gating='softmax' mixes all experts; pass k=num_experts="
-                f"{num_experts}. Received: k={k}"
-            )
-        self.num_experts = num_experts
-        self.k = k
         self.gating = gating
-        self.importance_weight = float(importance_weight)
-        self.load_weight = float(load_weight)
         self.noise_epsilon = float(noise_epsilon)
-        self.seed = seed
         self.noisy = gating == "noisy_top_k"
         self.seed_generator = keras.random.SeedGenerator(seed)
 
+    @classmethod
+    def from_config(cls, config):
+        # A gate saved with `gating="switch"` or `"softmax"` before those
+        # rules had classes of their own.
+        rule = {"switch": SwitchGating, "softmax": SoftmaxGating}.get(config.get("gating"))
+        if rule is not None:
+            config = {
+                key: value for key, value in config.items()
+                if key not in ("gating", "noise_epsilon")
+            }
+            return rule.from_config(config)
+        return super().from_config(config)
+
     def build(self, input_shape):
-        d = input_shape[-1]
-        self.w_gate = self.add_weight(
-            name="w_gate", shape=(d, self.num_experts), initializer="zeros"
-        )
+        super().build(input_shape)
         self.w_noise = self.add_weight(
-            name="w_noise", shape=(d, self.num_experts), initializer="zeros"
+            name="w_noise", shape=(input_shape[-1], self.num_experts), initializer="zeros"
         )
 
     def call(self, inputs, training=False, weight=None):
-        x = tf.cast(inputs, tf.float32)
-        if weight is None:
-            weight = tf.ones(tf.shape(x)[:1], tf.float32)
-        weight = tf.cast(weight, tf.float32)
-        w_gate = tf.cast(self.w_gate, tf.float32)
-        clean_logits = tf.matmul(x, w_gate)
+        x, clean_logits, weight = self._logits(inputs, weight)
         noise_std = noise = None
         if self.noisy and training:
             w_noise = tf.cast(self.w_noise, tf.float32)
@@ -212,26 +260,9 @@ class NoisyTopKGating(keras.layers.Layer):
             noise = keras.random.normal(
                 tf.shape(clean_logits), seed=self.seed_generator, dtype="float32"
             )
-
-        if self.gating == "switch":
-            probs = tf.nn.softmax(clean_logits, axis=-1)
-            top_gates, top_indices = tf.math.top_k(probs, 1)
-            top_indices = tf.cast(top_indices, tf.int32)
-            stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
-            loss_stats = {
-                "importance": stats["importance"],
-                "counts": stats["counts"],
-                "router_prob_sum": tf.reduce_sum(probs * weight[:, None], axis=0),
-                "tokens": tf.reduce_sum(weight),
-            }
-        else:
-            top_indices, top_gates, load_prob = top_k_gates(
-                clean_logits, noise_std, noise, self.k
-            )
-            stats = decision_from_top_k(
-                top_indices, top_gates, self.num_experts, weight, load_prob
-            )
-            loss_stats = {"importance": stats["importance"], "load": stats["load"]}
+        top_indices, top_gates, load_prob = top_k_gates(clean_logits, noise_std, noise, self.k)
+        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, load_prob)
+        loss_stats = {"importance": stats["importance"], "load": stats["load"]}
         return GateDecision(
             top_indices=top_indices,
             top_gates=top_gates,
@@ -244,27 +275,139 @@ class NoisyTopKGating(keras.layers.Layer):
         )
 
     def balancing_loss(self, loss_stats):
-        """The balancing loss from sums over a batch (one replica's or all).
-
-        `w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11); for
-        `"switch"`, `w_importance CV(Importance)^2 + w_load E sum_i f_i P_i`
-        with `f_i = counts_i / tokens` and `P_i = router_prob_sum_i / tokens`.
-        """
+        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11) from batch sums."""
         aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
-        if self.gating == "switch":
-            return aux + self.load_weight * losses.switch_loss_from_sums(
-                loss_stats["counts"], loss_stats["router_prob_sum"], loss_stats["tokens"]
-            )
         return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
 
     def get_config(self):
-        config = {
-            "num_experts": self.num_experts,
-            "k": self.k,
-            "gating": self.gating,
-            "importance_weight": self.importance_weight,
-            "load_weight": self.load_weight,
-            "noise_epsilon": self.noise_epsilon,
-            "seed": self.seed,
-        }
+        config = {"gating": self.gating, "noise_epsilon": self.noise_epsilon}
         return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SwitchGating(_WithoutNoiseWeights):
+    """Top-1 routing of Switch Transformers (Fedus et al. 2021), `gating="switch"`.
+
+    Each token goes to the expert of largest router probability
+    `p(x) = Softmax(x W_g)`, with that probability as its gate (not 1), in
+    training and inference alike (no noise). The auxiliary loss is
+    `w_importance CV(Importance)^2 + w_load E sum_i f_i P_i`, `f_i` the
+    share of tokens sent to expert `i` and `P_i` its mean router
+    probability (Fedus et al. 2021, Eq. 4-6).
+
+    Args:
+        num_experts: int, number of experts `E`.
+        k: must be 1 (kept as an argument so that a wrong `k` is named).
+        importance_weight: float >= 0, `w_importance`.
+        load_weight: float >= 0, `w_load`.
+        seed: optional int (the gate is deterministic; kept for symmetry).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments, returns: as for `NoisyTopKGating`.
+
+    Example:
+
+    >>> gating = SwitchGating(num_experts=4)
+    >>> d = gating(tf.ones([3, 8]))
+    >>> d.top_indices.shape, float(d.top_gates[0, 0])
+    (TensorShape([3, 1]), 0.25)
+    """
+
+    def __init__(self, num_experts, k=1, importance_weight=0.1, load_weight=0.1, seed=None,
+                 **kwargs):
+        super().__init__(num_experts, k, importance_weight, load_weight, seed, **kwargs)
+        if k != 1:
+            raise ValueError(
+                "gating='switch' sends each token to exactly one expert; pass k=1. "
+                f"Received: k={k}"
+            )
+
+    def call(self, inputs, training=False, weight=None):
+        _, clean_logits, weight = self._logits(inputs, weight)
+        probs = tf.nn.softmax(clean_logits, axis=-1)
+        top_gates, top_indices = tf.math.top_k(probs, 1)
+        top_indices = tf.cast(top_indices, tf.int32)
+        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
+        loss_stats = {
+            "importance": stats["importance"],
+            "counts": stats["counts"],
+            "router_prob_sum": tf.reduce_sum(probs * weight[:, None], axis=0),
+            "tokens": tf.reduce_sum(weight),
+        }
+        return GateDecision(
+            top_indices=top_indices,
+            top_gates=top_gates,
+            aux_loss=self.balancing_loss(loss_stats),
+            clean_logits=clean_logits,
+            noise_std=None,
+            loss_stats=loss_stats,
+            local_loss=tf.zeros([], tf.float32),
+            **stats,
+        )
+
+    def balancing_loss(self, loss_stats):
+        """`w_importance CV(Importance)^2 + w_load E sum_i f_i P_i` from batch sums.
+
+        `f_i = counts_i / tokens` and `P_i = router_prob_sum_i / tokens`.
+        """
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        return aux + self.load_weight * losses.switch_loss_from_sums(
+            loss_stats["counts"], loss_stats["router_prob_sum"], loss_stats["tokens"]
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SoftmaxGating(_WithoutNoiseWeights):
+    """A dense mixture of all experts (Jacobs et al. 1991), `gating="softmax"`.
+
+    `G(x) = Softmax(x W_g)` over every expert, in training and inference
+    (no noise); `top_indices` / `top_gates` list the experts by decreasing
+    gate. The auxiliary loss is `w_importance CV(Importance)^2 + w_load
+    CV(Load)^2` with Load the token counts (every expert gets every token).
+
+    Args:
+        num_experts: int, number of experts `E`.
+        k: None or `num_experts` (a dense mixture uses every expert).
+        importance_weight, load_weight, seed: as for `SwitchGating`.
+        **kwargs: base `Layer` arguments.
+
+    Call arguments, returns: as for `NoisyTopKGating`.
+
+    Example:
+
+    >>> gating = SoftmaxGating(num_experts=4)
+    >>> gating(tf.ones([3, 8])).top_gates.numpy()[0].tolist()
+    [0.25, 0.25, 0.25, 0.25]
+    """
+
+    def __init__(self, num_experts, k=None, importance_weight=0.1, load_weight=0.1, seed=None,
+                 **kwargs):
+        k = num_experts if k is None else k
+        super().__init__(num_experts, k, importance_weight, load_weight, seed, **kwargs)
+        if k != num_experts:
+            raise ValueError(
+                "gating='softmax' mixes all experts; pass k=num_experts="
+                f"{num_experts}. Received: k={k}"
+            )
+
+    def call(self, inputs, training=False, weight=None):
+        _, clean_logits, weight = self._logits(inputs, weight)
+        # The top-k of all E logits sorts them; its softmax is the full softmax.
+        top_indices, top_gates, _ = top_k_gates(clean_logits, None, None, self.k)
+        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
+        loss_stats = {"importance": stats["importance"], "load": stats["load"]}
+        return GateDecision(
+            top_indices=top_indices,
+            top_gates=top_gates,
+            aux_loss=self.balancing_loss(loss_stats),
+            clean_logits=clean_logits,
+            noise_std=None,
+            loss_stats=loss_stats,
+            local_loss=tf.zeros([], tf.float32),
+            **stats,
+        )
+
+    def balancing_loss(self, loss_stats):
+        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` from batch sums."""
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        return aux + self.load_weight * losses.cv_squared(loss_stats["load"])

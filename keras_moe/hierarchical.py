@@ -10,6 +10,27 @@ from keras_moe.moe import SparseMoEBase
 from keras_moe.routing import GateDecision, make_routing_metrics
 
 
+def validate_hierarchical(num_groups, experts_per_group, k_primary, k_secondary, gating,
+                          importance_weight, load_weight, noise_epsilon):
+    """Argument checks of `HierarchicalGating` and `HierarchicalMoE`."""
+    validate_common(num_groups, k_primary, importance_weight, load_weight, noise_epsilon)
+    if not isinstance(experts_per_group, int) or experts_per_group < 1:
+        raise ValueError(
+            "`experts_per_group` must be an integer >= 1. "
+            f"Received: experts_per_group={experts_per_group}"
+        )
+    if not isinstance(k_secondary, int) or not 1 <= k_secondary <= experts_per_group:
+        raise ValueError(
+            f"`k_secondary` must be an integer in [1, experts_per_group={experts_per_group}]. "
+            f"Received: k_secondary={k_secondary}"
+        )
+    if gating not in ("noisy_top_k", "top_k"):
+        raise ValueError(
+            "`gating` of a hierarchical MoE must be 'noisy_top_k' or 'top_k'. "
+            f"Received: gating={gating!r}"
+        )
+
+
 def _repeat(t, times):
     return tf.repeat(t, times, axis=0)
 
@@ -55,6 +76,9 @@ class HierarchicalGating(keras.layers.Layer):
     TensorShape([5, 4])
     """
 
+    # Pairs are laid out `[N, k_primary * k_secondary]`, first group first.
+    top_k_routing = True
+
     def __init__(
         self,
         num_groups,
@@ -70,22 +94,10 @@ class HierarchicalGating(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        validate_common(num_groups, k_primary, importance_weight, load_weight, noise_epsilon)
-        if not isinstance(experts_per_group, int) or experts_per_group < 1:
-            raise ValueError(
-                "`experts_per_group` must be an integer >= 1. "
-                f"Received: experts_per_group={experts_per_group}"
-            )
-        if not isinstance(k_secondary, int) or not 1 <= k_secondary <= experts_per_group:
-            raise ValueError(
-                f"`k_secondary` must be an integer in [1, experts_per_group={experts_per_group}]. "
-                f"Received: k_secondary={k_secondary}"
-            )
-        if gating not in ("noisy_top_k", "top_k"):
-            raise ValueError(
-                "`gating` of a hierarchical MoE must be 'noisy_top_k' or 'top_k'. "
-                f"Received: gating={gating!r}"
-            )
+        validate_hierarchical(
+            num_groups, experts_per_group, k_primary, k_secondary, gating, importance_weight,
+            load_weight, noise_epsilon,
+        )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.k_primary = k_primary
@@ -272,16 +284,18 @@ class HierarchicalMoE(SparseMoEBase):
         expert_dropout=0.0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.gating = HierarchicalGating(
-            num_groups, experts_per_group, k_primary, k_secondary, gating,
-            importance_weight, load_weight, noise_epsilon, seed=seed, name="gating",
+        validate_hierarchical(
+            num_groups, experts_per_group, k_primary, k_secondary, gating, importance_weight,
+            load_weight, noise_epsilon,
         )
-        self._init_base(
-            num_groups * experts_per_group, expert_hidden_dim, output_dim, gating,
-            importance_weight, load_weight, noise_epsilon, capacity_factor,
-            expert_activation, use_bias, seed, balancing_scope, expert_hidden_layers,
-            expert_parallel, expert_dropout,
+        super().__init__(
+            num_experts=num_groups * experts_per_group, expert_hidden_dim=expert_hidden_dim,
+            output_dim=output_dim, gating=gating, importance_weight=importance_weight,
+            load_weight=load_weight, noise_epsilon=noise_epsilon,
+            capacity_factor=capacity_factor, expert_activation=expert_activation,
+            use_bias=use_bias, seed=seed, balancing_scope=balancing_scope,
+            expert_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
+            expert_dropout=expert_dropout, **kwargs,
         )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
@@ -289,6 +303,10 @@ class HierarchicalMoE(SparseMoEBase):
         self.k_secondary = k_secondary
         self.k = k_primary * k_secondary
         self.primary_routing_metrics = make_routing_metrics(f"{self.name}_primary")[:4]
+        self.gating = HierarchicalGating(
+            num_groups, experts_per_group, k_primary, k_secondary, gating,
+            importance_weight, load_weight, noise_epsilon, seed=seed, name="gating",
+        )
 
     def get_config(self):
         config = {
@@ -296,6 +314,5 @@ class HierarchicalMoE(SparseMoEBase):
             "experts_per_group": self.experts_per_group,
             "k_primary": self.k_primary,
             "k_secondary": self.k_secondary,
-            **self._base_config(),
         }
         return {**super().get_config(), **config}

@@ -1,5 +1,7 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -7,11 +9,17 @@ from keras_moe import dispatch
 from keras_moe import expert_parallel as ep
 from keras_moe.batchwise import BatchwiseGating
 from keras_moe.experts import FeedForwardExperts
-from keras_moe.gating import GATING_TYPES, NoisyTopKGating, validate_common
+from keras_moe.gating import (
+    GATING_TYPES,
+    NoisyTopKGating,
+    SoftmaxGating,
+    SwitchGating,
+    validate_common,
+)
 from keras_moe.routing import (
-    Routing,
+    make_routing,
     make_routing_metrics,
-    routing_statistics,
+    scatter_rows,
     update_routing_metrics,
 )
 from keras_moe.validation import check_int, check_rate
@@ -32,37 +40,81 @@ def validate_capacity_factor(capacity_factor):
     return float(capacity_factor)
 
 
-def _scatter_rows(rows, index, num_rows, fill):
-    """Put `rows[i]` at row `index[i]` of a `[num_rows, ...]` tensor of `fill`."""
-    shape = tf.concat([[num_rows], tf.shape(rows)[1:]], axis=0)
-    base = tf.fill(shape, tf.cast(fill, rows.dtype))
-    return tf.tensor_scatter_nd_update(base, index[:, None], rows)
+def make_gating(gating, num_experts, k, importance_weight, load_weight, noise_epsilon,
+                threshold_weight, seed):
+    """The gating layer (named `"gating"`) behind an `MoE`'s `gating` name."""
+    shared = dict(importance_weight=importance_weight, load_weight=load_weight, seed=seed,
+                  name="gating")
+    if gating == "batchwise":
+        return BatchwiseGating(num_experts, k, threshold_weight=threshold_weight, **shared)
+    if gating in ("switch", "softmax"):
+        return {"switch": SwitchGating, "softmax": SoftmaxGating}[gating](num_experts, k, **shared)
+    return NoisyTopKGating(num_experts, k, gating, noise_epsilon=noise_epsilon, **shared)
+
+
+class _Tokens(NamedTuple):
+    """The positions of one call, flattened to rows (internal).
+
+    `rows` are the rows the gate sees: every position, or (dropless with a
+    mask) only the non-masked ones, whose places are `kept`. In capacity
+    mode masked rows are routed but `weight` (1 / 0) keeps them out of the
+    statistics and the experts' queues.
+    """
+
+    rows: tf.Tensor
+    weight: tf.Tensor | None
+    kept: tf.Tensor | None
+    num_positions: tf.Tensor
+    lead_shape: tf.Tensor
 
 
 class SparseMoEBase(keras.layers.Layer):
-    """Shared call path of `MoE` and `HierarchicalMoE` (not public).
+    """Shared anatomy of `MoE` and `HierarchicalMoE` (not public).
 
-    Subclasses call `_init_base` (shared arguments, the experts, metrics) and
-    set `self.gating`, a layer returning a `GateDecision` over
-    `self.num_experts` experts, and `self.k` in `__init__`.
+    `__init__` validates and stores the arguments both layers share (by
+    keyword) and creates the experts and the routing metrics; a subclass
+    then sets `self.gating`, a layer returning a `GateDecision` over
+    `num_experts` experts that has `balancing_loss(sums)` and
+    `top_k_routing`, and `self.k`. `build` builds both and chooses the
+    dispatcher once; `call` flattens the positions, asks the gate, sends the
+    rows to their experts and reports the call's `keras_moe.Routing`.
+
+    Every call's `Routing` goes to the layer's metrics and to the routing
+    observers registered with `add_routing_observer`, the public hook
+    through which `keras_moe.RoutingMonitor` and the routing inspector see
+    the routing of calls made by `fit` or by a model's own `call`.
     """
 
-    def _init_base(
-        self, num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
-        load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-        balancing_scope="global", expert_hidden_layers=1, expert_parallel=False,
+    def __init__(
+        self,
+        *,
+        num_experts,
+        expert_hidden_dim,
+        output_dim=None,
+        gating="noisy_top_k",
+        importance_weight=0.1,
+        load_weight=0.1,
+        noise_epsilon=1e-2,
+        capacity_factor=None,
+        expert_activation="relu",
+        use_bias=True,
+        seed=None,
+        balancing_scope="global",
+        expert_hidden_layers=1,
+        expert_parallel=False,
         expert_dropout=0.0,
+        **kwargs,
     ):
-        """Validate and store the arguments both layers share; create the experts."""
+        super().__init__(**kwargs)
         if balancing_scope not in ("global", "replica"):
             raise ValueError(
                 "`balancing_scope` must be 'global' or 'replica'. "
                 f"Received: balancing_scope={balancing_scope!r}"
             )
-        self.balancing_scope = balancing_scope
         check_int("expert_hidden_dim", expert_hidden_dim)
         check_int("expert_hidden_layers", expert_hidden_layers)
         check_rate("expert_dropout", expert_dropout)
+        self.balancing_scope = balancing_scope
         self.num_experts = num_experts
         self.expert_hidden_dim = expert_hidden_dim
         self.expert_hidden_layers = expert_hidden_layers
@@ -80,8 +132,7 @@ class SparseMoEBase(keras.layers.Layer):
         # compile; this keeps `compile(jit_compile="auto")` off XLA.
         self.supports_jit = self.capacity_factor is not None
         self.routing_metrics = make_routing_metrics(self.name)
-        # Set by `keras_moe.RoutingMonitor` while it watches this layer.
-        self.routing_accumulators = None
+        self._routing_observers = ()
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
             seed=seed, num_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
@@ -90,8 +141,8 @@ class SparseMoEBase(keras.layers.Layer):
         self.expert_parallel = expert_parallel
         self.expert_dropout = self.experts.dropout
 
-    def _base_config(self):
-        return {
+    def get_config(self):
+        config = {
             "expert_hidden_dim": self.expert_hidden_dim,
             "expert_hidden_layers": self.expert_hidden_layers,
             "output_dim": self.output_dim,
@@ -107,6 +158,45 @@ class SparseMoEBase(keras.layers.Layer):
             "expert_parallel": self.expert_parallel,
             "expert_dropout": self.expert_dropout,
         }
+        return {**super().get_config(), **config}
+
+    # --- routing observers ---------------------------------------------------
+
+    @property
+    def routing_observers(self):
+        """The observers registered with `add_routing_observer`, in call order."""
+        return self._routing_observers
+
+    def add_routing_observer(self, observer):
+        """Have `observer(inputs, routing, training)` called by every call of the layer.
+
+        `routing` is the call's `keras_moe.Routing` (what `return_routing=True`
+        returns), `inputs` the layer's input and `training` a bool. In a traced
+        function (`fit`, `tf.function`) the observer runs while the function is
+        traced and sees symbolic tensors: to keep something per step it must
+        add TensorFlow ops (e.g. `tf.Variable.assign_add`) or return the
+        tensors it records from the traced function. Functions traced before
+        the observer was added do not call it (`Model.make_train_function(
+        force=True)` retraces `fit`'s).
+        """
+        if not callable(observer):
+            raise ValueError(
+                f"`observer` must be callable. Received: observer={observer!r:.80}"
+            )
+        self._routing_observers = (*self._routing_observers, observer)
+
+    def remove_routing_observer(self, observer):
+        """Stop calling `observer` (registered with `add_routing_observer`)."""
+        if observer not in self._routing_observers:
+            raise ValueError(
+                f"`observer` is not a routing observer of layer {self.name!r}. "
+                f"Received: observer={observer!r:.80}"
+            )
+        observers = list(self._routing_observers)
+        observers.remove(observer)
+        self._routing_observers = tuple(observers)
+
+    # --- layer anatomy -------------------------------------------------------
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -117,89 +207,128 @@ class SparseMoEBase(keras.layers.Layer):
             )
         self.gating.build(input_shape[-1:])
         self.experts.build(input_shape[-1:])
+        # The experts know their replica sharding only once built.
+        if self.experts.num_shards > 1:
+            self._dispatch_rows = self._expert_parallel_dispatch
+        elif self.capacity_factor is None:
+            self._dispatch_rows = self._dropless_dispatch
+        else:
+            self._dispatch_rows = self._capacity_dispatch
+        # Top-k pairs are laid out [N, k]; serving every token's first
+        # choice before anyone's second keeps drops on the weaker gates.
+        self._ranked_choices = bool(self.gating.top_k_routing)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
+
+    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False):
+        if return_routing:
+            # A functional model's outputs must have one structure in every
+            # mode; a Routing's optional fields (noise_std in noisy training)
+            # do not, so it is only returned for concrete inputs.
+            raise ValueError(
+                f"`return_routing=True` needs concrete inputs; {type(self).__name__} "
+                f"{self.name!r} was called on a symbolic Keras input of shape "
+                f"{tuple(inputs.shape)}. Call the layer (or a model containing it) on "
+                "tensors to get its routing, or observe it with `add_routing_observer`. "
+                "Received: return_routing=True"
+            )
+        return keras.KerasTensor(
+            self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
+        )
 
     def compute_mask(self, inputs, mask=None):
         return mask
 
     def call(self, inputs, training=None, mask=None, return_routing=False):
         training = bool(training)
-        d = inputs.shape[-1]
-        out_dim = self.output_dim or d
-        lead_shape = tf.shape(inputs)[:-1]
-        flat = tf.reshape(inputs, [-1, d])
-        num_tokens = tf.shape(flat)[0]
-
-        weight = None
-        kept = None
-        exchanged = None
-        if mask is not None:
-            weight = tf.reshape(tf.cast(mask, tf.float32), [-1])
-            if self.capacity_factor is None:
-                # Dropless: masked positions are removed before routing, so
-                # they cost nothing and cannot touch the statistics.
-                kept = tf.cast(tf.where(weight > 0)[:, 0], tf.int32)
-                flat_kept = tf.gather(flat, kept)
-                weight = None
-        tokens = flat if kept is None else flat_kept
-        decision = self.gating(tokens, training=training, weight=weight)
-        num_routed = tf.shape(tokens)[0]
-
-        if self.experts.num_shards > 1:
-            valid = None
-            if weight is not None:
-                valid = tf.gather(weight, decision.token_index) > 0
-            y, dropped, exchanged = ep.expert_parallel_dispatch(
-                tokens, decision.token_index, decision.expert_index, decision.gate,
-                self.experts, num_routed, self.capacity_factor, valid=valid,
-                priority=self._pair_priority(decision), training=training,
-            )
-        elif self.capacity_factor is None:
-            y = dispatch.dropless_dispatch(
-                tokens, decision.token_index, decision.expert_index, decision.gate,
-                self.experts, num_routed, training=training,
-            )
-            dropped = tf.zeros([], tf.float32)
-        else:
-            valid = None
-            if weight is not None:
-                valid = tf.gather(weight, decision.token_index) > 0
-            y, dropped = dispatch.capacity_dispatch(
-                tokens, decision.token_index, decision.expert_index, decision.gate,
-                self.experts, num_routed, self.capacity_factor,
-                valid=valid, priority=self._pair_priority(decision), training=training,
-            )
-        if kept is not None:
-            y = _scatter_rows(y, kept, num_tokens, 0.0)
-        elif weight is not None:
-            y = y * tf.cast(weight, y.dtype)[:, None]
-        y = tf.reshape(y, tf.concat([lead_shape, [out_dim]], axis=0))
-
+        tokens = self._flatten(inputs, mask)
+        decision = self.gating(tokens.rows, training=training, weight=tokens.weight)
+        y, dropped, exchanged = self._dispatch_rows(tokens, decision, training)
         aux_loss = decision.aux_loss
         if training:
             aux_loss = self._global_balancing_loss(decision)
             self.add_loss(aux_loss)
+        routing = make_routing(
+            decision, aux_loss, dropped, exchanged, tokens.lead_shape,
+            kept=tokens.kept, weight=tokens.weight, num_positions=tokens.num_positions,
+        )
+        self._report(inputs, routing, training)
+        y = self._restore(y, tokens)
+        return (y, routing) if return_routing else y
+
+    # --- the steps of `call` -----------------------------------------------
+
+    def _flatten(self, inputs, mask):
+        d = inputs.shape[-1]
+        flat = tf.reshape(inputs, [-1, d])
+        lead_shape, num_positions = tf.shape(inputs)[:-1], tf.shape(flat)[0]
+        if mask is None:
+            return _Tokens(flat, None, None, num_positions, lead_shape)
+        weight = tf.reshape(tf.cast(mask, tf.float32), [-1])
+        if self.capacity_factor is not None:
+            return _Tokens(flat, weight, None, num_positions, lead_shape)
+        # Dropless: masked positions are removed before routing, so they
+        # cost nothing and cannot touch the statistics.
+        kept = tf.cast(tf.where(weight > 0)[:, 0], tf.int32)
+        return _Tokens(tf.gather(flat, kept), None, kept, num_positions, lead_shape)
+
+    def _valid_pairs(self, tokens, decision):
+        if tokens.weight is None:
+            return None
+        return tf.gather(tokens.weight, decision.token_index) > 0
+
+    def _pair_priority(self, decision):
+        num_pairs = tf.shape(decision.expert_index)[0]
+        if not self._ranked_choices:
+            return tf.zeros([num_pairs], tf.int32)
+        k = decision.top_indices.shape[-1]
+        return tf.range(num_pairs, dtype=tf.int32) % k
+
+    def _dropless_dispatch(self, tokens, decision, training):
+        y = dispatch.dropless_dispatch(
+            tokens.rows, decision.token_index, decision.expert_index, decision.gate,
+            self.experts, tf.shape(tokens.rows)[0], training=training,
+        )
+        return y, tf.zeros([], tf.float32), None
+
+    def _capacity_dispatch(self, tokens, decision, training):
+        y, dropped = dispatch.capacity_dispatch(
+            tokens.rows, decision.token_index, decision.expert_index, decision.gate,
+            self.experts, tf.shape(tokens.rows)[0], self.capacity_factor,
+            valid=self._valid_pairs(tokens, decision),
+            priority=self._pair_priority(decision), training=training,
+        )
+        return y, dropped, None
+
+    def _expert_parallel_dispatch(self, tokens, decision, training):
+        return ep.expert_parallel_dispatch(
+            tokens.rows, decision.token_index, decision.expert_index, decision.gate,
+            self.experts, tf.shape(tokens.rows)[0], self.capacity_factor,
+            valid=self._valid_pairs(tokens, decision),
+            priority=self._pair_priority(decision), training=training,
+        )
+
+    def _restore(self, y, tokens):
+        """Answers of the routed rows back to `[..., out]` (masked positions: 0)."""
+        if tokens.kept is not None:
+            y = scatter_rows(y, tokens.kept, tokens.num_positions, 0.0)
+        elif tokens.weight is not None:
+            y = y * tf.cast(tokens.weight, y.dtype)[:, None]
+        return tf.reshape(y, tf.concat([tokens.lead_shape, tf.shape(y)[1:]], axis=0))
+
+    def _report(self, inputs, routing, training):
+        """The call's routing to the layer's metrics and its observers."""
         update_routing_metrics(
-            self.routing_metrics,
-            routing_statistics(decision.importance, decision.counts, dropped),
+            self.routing_metrics, routing.importance, routing.counts, routing.dropped_fraction
         )
-        if decision.primary is not None:
+        if routing.primary_counts is not None:
             update_routing_metrics(
-                self.primary_routing_metrics,
-                routing_statistics(
-                    decision.primary.importance, decision.primary.counts, tf.zeros([])
-                ),
+                self.primary_routing_metrics, routing.primary_importance,
+                routing.primary_counts, tf.zeros([]),
             )
-        if training and self.routing_accumulators is not None:
-            self._accumulate_routing(decision, dropped)
-        if not return_routing:
-            return y
-        routing = self._routing(
-            decision, aux_loss, dropped, lead_shape, kept, weight, num_tokens
-        )
-        return y, routing._replace(exchanged_elements=exchanged)
+        for observer in self._routing_observers:
+            observer(inputs, routing, training)
 
     def _global_balancing_loss(self, decision):
         """The balancing loss over the batch of *all* replicas (Section 3).
@@ -228,62 +357,6 @@ class SparseMoEBase(keras.layers.Layer):
             for n, t in zip(names, tf.split(summed, sizes), strict=True)
         }
         return self.gating.balancing_loss(totals) + decision.local_loss
-
-    def _accumulate_routing(self, decision, dropped):
-        # `keras_moe.RoutingMonitor` sets `routing_accumulators` to a dict of
-        # tf.Variables and reads per-expert sums over its window from them.
-        acc = self.routing_accumulators
-        pairs = tf.reduce_sum(decision.counts)
-        acc["importance"].assign_add(decision.importance)
-        acc["counts"].assign_add(decision.counts)
-        acc["pairs"].assign_add(pairs)
-        acc["dropped_pairs"].assign_add(tf.cast(dropped, tf.float32) * pairs)
-        if decision.primary is not None:
-            acc["primary_importance"].assign_add(decision.primary.importance)
-            acc["primary_counts"].assign_add(decision.primary.counts)
-
-    def _pair_priority(self, decision):
-        # Top-k pairs are laid out [N, k]; serving every token's first
-        # choice before anyone's second keeps drops on the weaker gates.
-        k = decision.top_indices.shape[-1]
-        num_pairs = tf.shape(decision.expert_index)[0]
-        if isinstance(self.gating, BatchwiseGating):
-            return tf.zeros([num_pairs], tf.int32)
-        return tf.range(num_pairs, dtype=tf.int32) % k
-
-    def _routing(self, decision, aux_loss, dropped, lead_shape, kept, weight, num_tokens):
-        indices, gates = decision.top_indices, decision.top_gates
-        logits, noise_std = decision.clean_logits, decision.noise_std
-        if kept is not None:
-            indices = _scatter_rows(indices, kept, num_tokens, -1)
-            gates = _scatter_rows(gates, kept, num_tokens, 0.0)
-            logits = _scatter_rows(logits, kept, num_tokens, 0.0)
-            if noise_std is not None:
-                noise_std = _scatter_rows(noise_std, kept, num_tokens, 0.0)
-        elif weight is not None:
-            valid = weight[:, None] > 0
-            indices = tf.where(valid, indices, -1)
-            gates = tf.where(valid, gates, 0.0)
-
-        def unflatten(t):
-            if t is None:
-                return None
-            return tf.reshape(t, tf.concat([lead_shape, tf.shape(t)[1:]], axis=0))
-
-        primary = decision.primary
-        return Routing(
-            expert_indices=unflatten(indices),
-            gates=unflatten(gates),
-            importance=decision.importance,
-            load=decision.load,
-            counts=decision.counts,
-            dropped_fraction=dropped,
-            aux_loss=aux_loss,
-            clean_logits=unflatten(logits),
-            noise_std=unflatten(noise_std),
-            primary_importance=None if primary is None else primary.importance,
-            primary_load=None if primary is None else primary.load,
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -393,36 +466,32 @@ class MoE(SparseMoEBase):
         expert_dropout=0.0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon)
         if gating not in GATING_TYPES:
             raise ValueError(
                 f"`gating` must be one of {', '.join(map(repr, GATING_TYPES))}. "
                 f"Received: gating={gating!r}"
             )
-        self._init_base(
-            num_experts, expert_hidden_dim, output_dim, gating, importance_weight,
-            load_weight, noise_epsilon, capacity_factor, expert_activation, use_bias, seed,
-            balancing_scope, expert_hidden_layers, expert_parallel, expert_dropout,
+        super().__init__(
+            num_experts=num_experts, expert_hidden_dim=expert_hidden_dim,
+            output_dim=output_dim, gating=gating, importance_weight=importance_weight,
+            load_weight=load_weight, noise_epsilon=noise_epsilon,
+            capacity_factor=capacity_factor, expert_activation=expert_activation,
+            use_bias=use_bias, seed=seed, balancing_scope=balancing_scope,
+            expert_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
+            expert_dropout=expert_dropout, **kwargs,
         )
         self.k = k
         self.threshold_weight = float(threshold_weight)
-        if gating == "batchwise":
-            self.gating = BatchwiseGating(
-                num_experts, k, importance_weight, load_weight, threshold_weight,
-                seed=seed, name="gating",
-            )
-        else:
-            self.gating = NoisyTopKGating(
-                num_experts, k, gating, importance_weight, load_weight, noise_epsilon,
-                seed=seed, name="gating",
-            )
+        self.gating = make_gating(
+            gating, num_experts, k, importance_weight, load_weight, noise_epsilon,
+            threshold_weight, seed,
+        )
 
     def get_config(self):
         config = {
             "num_experts": self.num_experts,
             "k": self.k,
             "threshold_weight": self.threshold_weight,
-            **self._base_config(),
         }
         return {**super().get_config(), **config}

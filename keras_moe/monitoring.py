@@ -8,16 +8,18 @@ charts) and the scalars that reveal a collapse. When a collapse persists it
 raises an alarm (log warning, TensorBoard text, `RoutingMonitor.alarms`)
 and can stop training.
 
-The sums are taken inside the traced train step by the layer itself: while
-`layer.routing_accumulators` is a dict of `tf.Variable`s, every training call
-of `SparseMoEBase` adds its batch's importance, counts, routed and dropped
-pairs to them. The callback owns the variables, reads them every
-`every_n_steps` steps and resets them at the start of each window.
+The sums are taken inside the traced train step, from the `keras_moe.Routing`
+of each training call: the callback registers a routing observer with every
+MoE layer (`add_routing_observer`) that adds the batch's importance, counts,
+routed and dropped pairs to `tf.Variable`s it owns; it reads them every
+`every_n_steps` steps, resets them at the start of each window and removes
+its observers when training ends. The statistics are those of
+`keras_moe.statistics`, under the same names.
 """
 
 import logging
-import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -26,6 +28,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 from keras_moe.hierarchical import HierarchicalMoE
 from keras_moe.moe import SparseMoEBase
+from keras_moe.statistics import summary, top_count  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -67,62 +70,10 @@ def find_moe_layers(model):
     return found
 
 
-def top_count(num_experts, top_fraction):
-    """How many experts are "the busiest `top_fraction`": `ceil(f * E)`, at least 1."""
-    return max(1, math.ceil(top_fraction * num_experts - 1e-9))
-
-
-def window_statistics(importance, counts, top_fraction=0.1):
-    """Balance statistics of one window's summed routing, in float64 NumPy.
-
-    Args:
-        importance: `[E]`, summed gate values per expert.
-        counts: `[E]`, tokens routed to each expert (before capacity drops).
-        top_fraction: float in (0, 1], see `top_share`.
-
-    Returns:
-        dict of floats:
-        - `cv_importance`, `cv_load`: `std / mean` (population std) of
-          importance and of counts (0 for an all-zero vector);
-        - `max_mean_load`: `max(counts) / mean(counts)`;
-        - `dead_experts`: experts that received no token in the window, and
-          `dead_fraction`, the same divided by `E`;
-        - `top_share`: share of the routed (token, expert) pairs taken by the
-          `ceil(top_fraction * E)` busiest experts (at least one);
-        - `router_entropy`: Shannon entropy of the load distribution
-          `p_i = counts_i / sum(counts)`, divided by `log E` so that 1 means
-          an even spread and 0 everything on one expert (1 when `E == 1`).
-
-    Example:
-
-    >>> s = window_statistics(importance=[3.0, 1.0, 0.0, 0.0], counts=[6, 2, 0, 0])
-    >>> s["max_mean_load"], s["dead_experts"], s["top_share"]
-    (3.0, 2.0, 0.75)
-    """
-    importance = np.asarray(importance, np.float64)
-    counts = np.asarray(counts, np.float64)
-    num_experts = counts.shape[0]
-    total = counts.sum()
-    mean = total / num_experts
-    probs = counts / total if total > 0 else np.zeros_like(counts)
-    nonzero = probs[probs > 0]
-    entropy = float(-np.sum(nonzero * np.log(nonzero)))
-    top = np.sort(counts)[::-1][: top_count(num_experts, top_fraction)]
-    dead = int(np.sum(counts <= 0))
-    return {
-        "cv_importance": _cv(importance),
-        "cv_load": _cv(counts),
-        "max_mean_load": float(counts.max() / mean) if mean > 0 else 0.0,
-        "dead_experts": float(dead),
-        "dead_fraction": dead / num_experts,
-        "top_share": float(top.sum() / total) if total > 0 else 0.0,
-        "router_entropy": entropy / math.log(num_experts) if num_experts > 1 else 1.0,
-    }
-
-
-def _cv(v):
-    mean = v.mean()
-    return float(v.std() / mean) if mean > 0 else 0.0
+# A window's statistics are `keras_moe.statistics.summary` of its summed
+# importance and counts (the name is kept for existing callers); `top_count`
+# is imported from there for the same reason.
+window_statistics = summary
 
 
 def sorted_bar_chart(values, height=64, max_columns=256):
@@ -178,6 +129,27 @@ def _per_expert_histogram(values):
     return np.stack([edges, edges + 1.0, values], axis=1)
 
 
+_UNSET = object()
+
+
+def _summing_observer(acc):
+    """A routing observer adding each training call's routing to the variables `acc`."""
+
+    def observe(inputs, routing, training):
+        if not training:
+            return
+        pairs = tf.reduce_sum(routing.counts)
+        acc["importance"].assign_add(routing.importance)
+        acc["counts"].assign_add(routing.counts)
+        acc["pairs"].assign_add(pairs)
+        acc["dropped_pairs"].assign_add(tf.cast(routing.dropped_fraction, tf.float32) * pairs)
+        if "primary_counts" in acc:
+            acc["primary_importance"].assign_add(routing.primary_importance)
+            acc["primary_counts"].assign_add(routing.primary_counts)
+
+    return observe
+
+
 def _validate_threshold(name, value, low, high=None):
     if value is None:
         return None
@@ -216,7 +188,7 @@ class RoutingMonitor(keras.callbacks.Callback):
       of the same vectors sorted in decreasing order; the red line is the
       mean.
     - scalars `<layer>/cv_importance`, `cv_load`, `max_mean_load` (Table 6),
-      `dead_experts` (experts without a token in the window), `top_share`
+      `zero_experts` (experts without a token in the window), `top_share`
       (share of routed pairs taken by the busiest `top_fraction` of the
       experts, at least one), `router_entropy` (entropy of the load
       distribution divided by `log E`: 1 is an even spread, 0 a single
@@ -228,7 +200,8 @@ class RoutingMonitor(keras.callbacks.Callback):
     - `<layer>/collapse_alarm` (text) when an alarm is raised.
 
     A window is collapsed when any enabled criterion holds: the fraction of
-    dead experts is above `dead_fraction_threshold`, the max/mean load is
+    experts without a token (`zero_expert_fraction`) is above
+    `zero_expert_fraction_threshold`, the max/mean load is
     above `max_mean_threshold`, or the top share is above
     `top_share_threshold` (checked at both levels of a hierarchical layer).
     After `patience` collapsed windows in a row the callback raises one
@@ -245,8 +218,10 @@ class RoutingMonitor(keras.callbacks.Callback):
     the steps match the batch steps of Keras' `TensorBoard` callback).
     Batches after the last multiple of `every_n_steps` are not written.
     With `steps_per_execution > 1` windows start and end on execution
-    boundaries. The layer only sums routing in training calls; validation
-    batches are not counted.
+    boundaries. Only training calls are summed; validation batches are not
+    counted. The sums come from each call's `keras_moe.Routing`, through a
+    routing observer the callback adds to every MoE layer at the start of
+    `fit` and removes at its end (see `SparseMoEBase.add_routing_observer`).
 
     Args:
         log_dir: directory of the run; summaries go to `<log_dir>/routing`.
@@ -255,7 +230,7 @@ class RoutingMonitor(keras.callbacks.Callback):
         window: int in `[1, every_n_steps]`, the number of most recent
             training batches summed for each write; None means
             `every_n_steps` (every batch is counted).
-        dead_fraction_threshold: float in [0, 1) or None (off).
+        zero_expert_fraction_threshold: float in [0, 1) or None (off).
         max_mean_threshold: float >= 1 or None (off). A load spread over
             `E` experts with `k` per token has max/mean at most `E / k`.
         top_share_threshold: float in [0, 1) or None (off).
@@ -263,6 +238,8 @@ class RoutingMonitor(keras.callbacks.Callback):
         stop_on_collapse: bool, stop training when an alarm is raised.
         top_fraction: float in (0, 1], the "busiest experts" of `top_share`.
         image_height: int >= 8, height in pixels of the bar-chart images.
+        dead_fraction_threshold: deprecated name of
+            `zero_expert_fraction_threshold`.
 
     Example:
 
@@ -282,13 +259,14 @@ class RoutingMonitor(keras.callbacks.Callback):
         log_dir,
         every_n_steps=100,
         window=None,
-        dead_fraction_threshold=0.25,
+        zero_expert_fraction_threshold=0.25,
         max_mean_threshold=3.0,
         top_share_threshold=0.5,
         patience=1,
         stop_on_collapse=False,
         top_fraction=0.1,
         image_height=64,
+        dead_fraction_threshold=_UNSET,
     ):
         super().__init__()
         if not isinstance(log_dir, (str, os.PathLike)) or not os.fspath(log_dir):
@@ -302,8 +280,16 @@ class RoutingMonitor(keras.callbacks.Callback):
                 f"`window` must be <= every_n_steps={every_n_steps}. Received: window={window}"
             )
         self.window = window
-        self.dead_fraction_threshold = _validate_threshold(
-            "dead_fraction_threshold", dead_fraction_threshold, 0.0, 1.0
+        threshold_name = "zero_expert_fraction_threshold"
+        if dead_fraction_threshold is not _UNSET:
+            warnings.warn(
+                "RoutingMonitor(dead_fraction_threshold=...) is deprecated; use "
+                "zero_expert_fraction_threshold=...", DeprecationWarning, stacklevel=2,
+            )
+            threshold_name = "dead_fraction_threshold"
+            zero_expert_fraction_threshold = dead_fraction_threshold
+        self.zero_expert_fraction_threshold = _validate_threshold(
+            threshold_name, zero_expert_fraction_threshold, 0.0, 1.0
         )
         self.max_mean_threshold = _validate_threshold("max_mean_threshold", max_mean_threshold, 1.0)
         self.top_share_threshold = _validate_threshold(
@@ -324,6 +310,7 @@ class RoutingMonitor(keras.callbacks.Callback):
         self.alarms = []
         self._layers = {}  # tag prefix -> layer
         self._accumulators = {}  # tag prefix -> dict of tf.Variable
+        self._observers = {}  # tag prefix -> (layer, the observer added to it)
         self._streaks = {}
         self._writer = None
         self._step = 0
@@ -349,10 +336,13 @@ class RoutingMonitor(keras.callbacks.Callback):
             self._accumulators = {
                 name: self._make_accumulators(layer) for name, layer in self._layers.items()
             }
+        self._detach()
         for name, layer in self._layers.items():
-            layer.routing_accumulators = self._accumulators[name]
-        # A train function traced before the accumulators existed would not
-        # update them: build a fresh one (it is traced on its first call).
+            observer = _summing_observer(self._accumulators[name])
+            layer.add_routing_observer(observer)
+            self._observers[name] = (layer, observer)
+        # A train function traced before the observers were added would not
+        # call them: build a fresh one (it is traced on its first call).
         self.model.make_train_function(force=True)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "routing"))
@@ -383,14 +373,19 @@ class RoutingMonitor(keras.callbacks.Callback):
         self._write_window(self._step)
 
     def on_train_end(self, logs=None):
-        for layer in self._layers.values():
-            layer.routing_accumulators = None
+        self._detach()
         # Later fits without this callback should not keep adding to the sums.
         self.model.make_train_function(force=True)
         if self._writer is not None:
             self._writer.flush()
 
     # --- internals -----------------------------------------------------------
+
+    def _detach(self):
+        for layer, observer in self._observers.values():
+            if observer in layer.routing_observers:
+                layer.remove_routing_observer(observer)
+        self._observers = {}
 
     def _make_accumulators(self, layer):
         def variable(size, name):
@@ -430,8 +425,7 @@ class RoutingMonitor(keras.callbacks.Callback):
                     self._silent.add(name)
                     logger.warning(
                         "RoutingMonitor: no routing was recorded for layer %r in the window "
-                        "ending at step %d (every position masked, or the layer lacks the "
-                        "`routing_accumulators` hook).", name, step,
+                        "ending at step %d (every position masked).", name, step,
                     )
                     continue
                 reasons, statistics = self._write_level(name, "", acc["importance"], acc["counts"])
@@ -453,7 +447,7 @@ class RoutingMonitor(keras.callbacks.Callback):
         stats = window_statistics(importance, counts, self.top_fraction)
         tag = f"{name}/{prefix}"
         for key in (
-            "cv_importance", "cv_load", "max_mean_load", "dead_experts", "top_share",
+            "cv_importance", "cv_load", "max_mean_load", "zero_experts", "top_share",
             "router_entropy",
         ):
             tf.summary.scalar(tag + key, stats[key])
@@ -472,12 +466,12 @@ class RoutingMonitor(keras.callbacks.Callback):
 
     def _collapse_reasons(self, stats):
         reasons = []
-        if self.dead_fraction_threshold is not None:
-            if stats["dead_fraction"] > self.dead_fraction_threshold:
+        if self.zero_expert_fraction_threshold is not None:
+            if stats["zero_expert_fraction"] > self.zero_expert_fraction_threshold:
                 reasons.append(
-                    f"{int(stats['dead_experts'])} experts got no token (fraction "
-                    f"{stats['dead_fraction']:.3f} > dead_fraction_threshold="
-                    f"{self.dead_fraction_threshold})"
+                    f"{int(stats['zero_experts'])} experts got no token (fraction "
+                    f"{stats['zero_expert_fraction']:.3f} > zero_expert_fraction_threshold="
+                    f"{self.zero_expert_fraction_threshold})"
                 )
         if self.max_mean_threshold is not None:
             if stats["max_mean_load"] > self.max_mean_threshold:

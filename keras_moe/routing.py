@@ -1,9 +1,13 @@
-"""What a gate decided, as plain tensors, and the statistics derived from it.
+"""What a gate decided, as plain tensors, and the metrics derived from it.
 
 `GateDecision` is the internal contract between a gating layer and the
 dispatcher: a flat list of (token, expert, gate) pairs plus the sums the
-balancing losses need. `Routing` is what `MoE(..., return_routing=True)`
-hands back to users, reshaped to the input's leading dimensions.
+balancing losses need. `Routing` is what an MoE layer reports of one call,
+reshaped to the input's leading dimensions: it is the one way routing is
+observed. `MoE(..., return_routing=True)` returns it, the layer's Keras
+metrics are computed from it (`update_routing_metrics`), and routing
+observers (`SparseMoEBase.add_routing_observer`, used by
+`keras_moe.RoutingMonitor` and the routing inspector) receive it.
 """
 
 from typing import NamedTuple, Optional
@@ -11,7 +15,7 @@ from typing import NamedTuple, Optional
 import keras
 import tensorflow as tf
 
-from keras_moe import losses
+from keras_moe.statistics import STATISTIC_NAMES, batch_statistics
 
 
 class GateDecision(NamedTuple):
@@ -78,6 +82,11 @@ class Routing(NamedTuple):
             number of elements this replica put into the dispatch's
             collectives in the forward pass (see
             `keras_moe.expert_parallel.expert_parallel_dispatch`).
+        primary_counts: float32 `[num_groups]` or None (hierarchical):
+            tokens the first level sent to each group.
+
+    The per-expert vectors are sums over the call's non-masked positions;
+    `keras_moe.statistics` turns them into balance statistics.
     """
 
     expert_indices: tf.Tensor
@@ -92,37 +101,7 @@ class Routing(NamedTuple):
     primary_importance: tf.Tensor | None = None
     primary_load: tf.Tensor | None = None
     exchanged_elements: tf.Tensor | None = None
-
-
-def routing_statistics(importance, counts, dropped_fraction):
-    """The paper's Table 6 figures and collapse indicators for one batch.
-
-    Args:
-        importance: float32 `[E]`.
-        counts: float32 `[E]`, tokens routed to each expert.
-        dropped_fraction: float32 scalar.
-
-    Returns:
-        dict of float32 scalars: `cv_importance`, `cv_load`,
-        `max_mean_load`, `zero_expert_fraction`, `dropped_fraction`.
-    """
-    mean_count = tf.reduce_mean(counts)
-    return {
-        "cv_importance": losses.coefficient_of_variation(importance),
-        "cv_load": losses.coefficient_of_variation(counts),
-        "max_mean_load": tf.math.divide_no_nan(tf.reduce_max(counts), mean_count),
-        "zero_expert_fraction": tf.reduce_mean(tf.cast(counts <= 0.0, tf.float32)),
-        "dropped_fraction": tf.cast(dropped_fraction, tf.float32),
-    }
-
-
-STATISTIC_NAMES = (
-    "cv_importance",
-    "cv_load",
-    "max_mean_load",
-    "zero_expert_fraction",
-    "dropped_fraction",
-)
+    primary_counts: tf.Tensor | None = None
 
 
 def make_routing_metrics(prefix):
@@ -135,6 +114,66 @@ def make_routing_metrics(prefix):
     return [keras.metrics.Mean(name=f"{prefix}_{name}") for name in STATISTIC_NAMES]
 
 
-def update_routing_metrics(metrics, statistics):
+def update_routing_metrics(metrics, importance, counts, dropped_fraction):
+    """Add one call's statistics (`keras_moe.statistics.batch_statistics`) to `metrics`."""
+    values = batch_statistics(importance, counts, dropped_fraction)
     for name, metric in zip(STATISTIC_NAMES, metrics, strict=False):
-        metric.update_state(statistics[name])
+        metric.update_state(values[name])
+
+
+def scatter_rows(rows, index, num_rows, fill):
+    """Put `rows[i]` at row `index[i]` of a `[num_rows, ...]` tensor of `fill`."""
+    shape = tf.concat([[num_rows], tf.shape(rows)[1:]], axis=0)
+    base = tf.fill(shape, tf.cast(fill, rows.dtype))
+    return tf.tensor_scatter_nd_update(base, index[:, None], rows)
+
+
+def make_routing(decision, aux_loss, dropped, exchanged, lead_shape, kept=None, weight=None,
+                 num_positions=None):
+    """The `Routing` of one call from its flat `GateDecision`.
+
+    Args:
+        decision: the gate's `GateDecision` over the routed rows.
+        aux_loss, dropped, exchanged: the call's loss, dropped share and
+            expert-parallel traffic (or None).
+        lead_shape: int32 `[rank - 1]`, the input's leading dimensions.
+        kept: int32 `[n]` or None: the positions the rows came from (masked
+            positions were not routed); they are scattered back among
+            `num_positions`, the others get expert `-1`, gate 0.
+        weight: float32 `[N]` or None: 0 for masked positions that were
+            routed (capacity mode); they are reported as `-1` / 0 too.
+    """
+    indices, gates = decision.top_indices, decision.top_gates
+    logits, noise_std = decision.clean_logits, decision.noise_std
+    if kept is not None:
+        indices = scatter_rows(indices, kept, num_positions, -1)
+        gates = scatter_rows(gates, kept, num_positions, 0.0)
+        logits = scatter_rows(logits, kept, num_positions, 0.0)
+        if noise_std is not None:
+            noise_std = scatter_rows(noise_std, kept, num_positions, 0.0)
+    elif weight is not None:
+        valid = weight[:, None] > 0
+        indices = tf.where(valid, indices, -1)
+        gates = tf.where(valid, gates, 0.0)
+
+    def unflatten(t):
+        if t is None:
+            return None
+        return tf.reshape(t, tf.concat([lead_shape, tf.shape(t)[1:]], axis=0))
+
+    primary = decision.primary
+    return Routing(
+        expert_indices=unflatten(indices),
+        gates=unflatten(gates),
+        importance=decision.importance,
+        load=decision.load,
+        counts=decision.counts,
+        dropped_fraction=dropped,
+        aux_loss=aux_loss,
+        clean_logits=unflatten(logits),
+        noise_std=unflatten(noise_std),
+        primary_importance=None if primary is None else primary.importance,
+        primary_load=None if primary is None else primary.load,
+        exchanged_elements=exchanged,
+        primary_counts=None if primary is None else primary.counts,
+    )

@@ -158,7 +158,8 @@ def _moe_costs(a):
             # w_gate [d, E] and one learned threshold per expert (App. F).
             gating_weights, gating_biases = d * e, e
         else:
-            # w_gate and w_noise, [d, E] each (w_noise exists for every
-            # NoisyTopKGating type, used or not).
-            gating_weights, gating_biases = 2 * d * e, 0
+            # w_gate [d, E], and w_noise [d, E] for NoisyTopKGating (both of
+            # its types, used or not); SwitchGating and SoftmaxGating have none.
+            noise = d * e if a["gating"] in ("noisy_top_k", "top_k") else 0
+            gating_weights, gating_biases = d * e + noise, 0
     return ops, e * expert + gating_weights, e * expert_biases + gating_biases

@@ -18,6 +18,7 @@ MODULES = [
     "keras_moe.hierarchical",
     "keras_moe.batchwise",
     "keras_moe.monitoring",
+    "keras_moe.statistics",
     "keras_moe.pipelines.inspection.routes",
     "keras_moe.validation",
     "keras_moe.optimizers",

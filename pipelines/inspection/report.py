@@ -29,7 +29,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_moe.monitoring import bar_chart, window_statistics
+from keras_moe import statistics
+from keras_moe.monitoring import bar_chart
 from keras_moe.pipelines.data import lm_corpora
 from keras_moe.pipelines.inspection import routes as routing_inspect
 from keras_moe.pipelines.lm import train as lm_train
@@ -189,7 +190,7 @@ def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min
         summary = {key: value for key, value in result.items() if key != "tokens"}
         layers[name] = {
             **summary,
-            "statistics": window_statistics(importance, counts),
+            "statistics": statistics.summary(importance, counts),
             "characteristic": routing_inspect.characteristic_tokens(result, top, min_count),
             "contexts": routing_inspect.expert_contexts(result),
             "sentences": shown["layers"][name]["tokens"],
@@ -232,7 +233,7 @@ def _summary_line(result):
     return (f"tokens {result['tokens_routed']}, routed pairs {result['pairs']}; "
             f"CV load {s['cv_load']:.3f}, CV importance {s['cv_importance']:.3f}, "
             f"max/mean load {s['max_mean_load']:.3f}, experts without tokens "
-            f"{int(s['dead_experts'])}, router entropy {s['router_entropy']:.3f}")
+            f"{int(s['zero_experts'])}, router entropy {s['router_entropy']:.3f}")
 
 
 def _characteristic_text(entry):

@@ -10,10 +10,12 @@ would add in training, and the margin that decided the last chosen expert.
 `characteristic_tokens` and `expert_contexts` summarise the per-token data
 per expert, in the spirit of the paper's Table 9 (Shazeer et al. 2017).
 
-The routing is captured without changing the model: each MoE layer's
-`call` is wrapped for the duration of `route` (the layer is asked for its
-`keras_moe.Routing` and the model sees the usual output) and restored
-afterwards, also when the model fails.
+The routing is captured without changing the model: for the duration of
+`route` each inspected MoE layer has a routing observer
+(`add_routing_observer`) that records the layer's input and the
+`keras_moe.Routing` of its call; the observers are removed afterwards, also
+when the model fails. Per-expert counts and shares are those of
+`keras_moe.statistics`.
 """
 
 import keras
@@ -21,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 import keras_moe
+from keras_moe import statistics
 from keras_moe.monitoring import find_moe_layers
 
-_MISSING = object()
 MIN_WIDTH = 16  # batches are padded to a power of two of at least this many positions
 
 
@@ -80,20 +82,13 @@ def token_string(token_id, vocabulary):
     return str(token_id)
 
 
-def _capturing_call(original, records):
-    """A `call` that asks the layer for its routing and records it with the input."""
+def _recording_observer(records):
+    """A routing observer that records each call's input and routing."""
 
-    def call(inputs, *args, **kwargs):
-        if len(args) >= 3:  # return_routing given positionally
-            wanted, args = args[2], (*args[:2], True, *args[3:])
-        else:
-            wanted = kwargs.get("return_routing", False)
-            kwargs["return_routing"] = True
-        y, routing = original(inputs, *args, **kwargs)
+    def observe(inputs, routing, training):
         records.append((inputs, routing))
-        return (y, routing) if wanted else y
 
-    return call
+    return observe
 
 
 def _forward_function(model, records, run):
@@ -147,7 +142,7 @@ def _layer_info(name, layer):
         "k": int(layer.k),
         "logits_level": "groups" if hierarchical else "experts",
         # Batchwise gating chooses by thresholds, not a top-k of the logits.
-        "has_margin": not isinstance(layer.gating, keras_moe.BatchwiseGating),
+        "has_margin": bool(layer.gating.top_k_routing),
         "has_noise": bool(getattr(gating, "noisy", False)),
     }
     if hierarchical:
@@ -303,13 +298,13 @@ def route(model, texts, vocabulary=None, layer=None, batch_size=64, details=True
 def _capture(model, named, ids, batch_size, run):
     """Per layer, per text: `(x [n, d], expert_indices [n, k], gates, clean_logits)`."""
     records = {name: [] for name in named}
-    saved = {name: moe.__dict__.get("call", _MISSING) for name, moe in named.items()}
+    observers = {name: _recording_observer(records[name]) for name in named}
     out = {name: [None] * len(ids) for name in named}
     # Texts of similar length share a batch: less padding.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     try:
         for name, moe in named.items():
-            moe.call = _capturing_call(moe.call, records[name])
+            moe.add_routing_observer(observers[name])
         forward = _forward_function(model, records, run)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -333,10 +328,8 @@ def _capture(model, named, ids, batch_size, run):
                         "x", "expert_indices", "gates", "clean_logits"))
     finally:
         for name, moe in named.items():
-            if saved[name] is _MISSING:
-                del moe.call
-            else:
-                moe.call = saved[name]
+            if observers[name] in moe.routing_observers:
+                moe.remove_routing_observer(observers[name])
     return out
 
 
@@ -363,10 +356,10 @@ def _layer_result(info, layer, ids, captured, vocabulary, details):
             tokens.append(token)
         texts.append(tokens)
     pairs = int(counts.sum())
+    shares = np.asarray(statistics.load_share(counts.astype(np.float64)))
     experts = []
     for i in range(num_experts):
-        entry = {"expert": i, "count": int(counts[i]),
-                 "share": float(counts[i] / pairs) if pairs else 0.0,
+        entry = {"expert": i, "count": int(counts[i]), "share": float(shares[i]),
                  "importance": float(importance[i])}
         if "experts_per_group" in info:
             entry["group"] = i // info["experts_per_group"]

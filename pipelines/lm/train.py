@@ -48,12 +48,12 @@ from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
 from keras_moe.pipelines.training import distribution
 from keras_moe.pipelines.training.runs import (
-    RoutingStatistics,
     find_model,
     fit_and_save,
     prepare_run_dir,
     run_callbacks,
 )
+from keras_moe.statistics import RoutingStatistics
 
 CONVENTION = (
     "perplexity per word: exp(total negative log-likelihood / words), every word of the file "

@@ -16,10 +16,10 @@ Shared by `lm_train` and `translate_train`:
   continuations, logged as `elapsed_minutes`, and its limit; `StepLimit`:
   the end at `train.steps` exactly;
 - `HistoryLogger`: `history.csv`, one row per evaluation, columns kept
-  aligned when a resumed run logs other values;
-- `RoutingStatistics`: the paper's balance statistics (Table 6: CV of
-  Importance and Load, max / mean Load) of every MoE block over a whole
-  evaluation set, accumulated batch by batch from `keras_moe.Routing`.
+  aligned when a resumed run logs other values.
+
+The balance statistics of an evaluation set are
+`keras_moe.statistics.RoutingStatistics`.
 """
 
 import csv
@@ -29,7 +29,6 @@ import os
 import time
 
 import keras
-import numpy as np
 
 from keras_moe import RoutingMonitor
 from keras_moe.monitoring import find_moe_layers
@@ -410,52 +409,3 @@ def find_model(run_dir):
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"{run_dir}: no model.keras or checkpoints/last.keras")
-
-
-def _cv(values):
-    mean = float(np.mean(values))
-    return float(np.std(values) / mean) if mean > 0 else 0.0
-
-
-class RoutingStatistics:
-    """Expert balance of every MoE block over an evaluation set.
-
-    Feed it each batch's `{block name: keras_moe.Routing}` (taken in
-    inference mode, so Load is the number of positions sent to each
-    expert); `result()` gives, per block, CV (std / mean) of Importance and
-    Load and max / mean Load averaged over the batches (`batch_*`, the
-    paper's per-batch statistics) and over the whole set (`set_*`), each
-    expert's share of the routed positions (`set_load_share`), and the
-    number of experts that received no position.
-    """
-
-    def __init__(self):
-        self.stats = {}
-
-    def add(self, routings):
-        for name, routing in (routings or {}).items():
-            s = self.stats.setdefault(name, {"importance": 0.0, "counts": 0.0, "batches": []})
-            importance = np.asarray(routing.importance, np.float64)
-            counts = np.asarray(routing.counts, np.float64)
-            s["importance"] = s["importance"] + importance
-            s["counts"] = s["counts"] + counts
-            s["batches"].append(
-                (_cv(importance), _cv(counts), float(counts.max() / max(counts.mean(), 1e-12)))
-            )
-
-    def result(self):
-        out = {}
-        for name, s in self.stats.items():
-            batch = np.mean(s["batches"], axis=0)
-            out[name] = {
-                "batch_cv_importance": float(batch[0]),
-                "batch_cv_load": float(batch[1]),
-                "batch_max_mean_load": float(batch[2]),
-                "set_cv_importance": _cv(s["importance"]),
-                "set_cv_load": _cv(s["counts"]),
-                "set_max_mean_load": float(s["counts"].max() / max(s["counts"].mean(), 1e-12)),
-                "experts_without_positions": int(np.sum(s["counts"] == 0)),
-                "set_load_share": [float(x) for x in s["counts"] / max(s["counts"].sum(), 1.0)],
-                "batches": len(s["batches"]),
-            }
-        return out

@@ -208,7 +208,7 @@ def _report(config, run_config, results, seconds):
     for name, stats in results["routing_valid"].items():
         print(f"expert load, {name} (validation set, inference routing): max/mean "
               f"{stats['set_max_mean_load']:.2f}, CV(load) {stats['set_cv_load']:.2f}, "
-              f"experts without tokens {stats['experts_without_positions']}")
+              f"experts without tokens {stats['zero_experts']}")
         share = np.asarray(stats["set_load_share"])
         busiest = " ".join(f"{e}:{share[e]:.3f}" for e in np.argsort(-share)[:16])
         print(f"  token share per expert, busiest first: {busiest}")

@@ -28,9 +28,9 @@ import tensorflow as tf
 import keras_moe
 from keras_moe.models.decoding import beam_search, greedy_decode
 from keras_moe.pipelines.training import distribution
-from keras_moe.pipelines.training.runs import RoutingStatistics
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
+from keras_moe.statistics import RoutingStatistics
 
 CONVENTION = (
     "perplexity per target WordPiece token: exp(total negative log-likelihood / tokens), "

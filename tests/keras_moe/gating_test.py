@@ -1,4 +1,4 @@
-"""Tests of NoisyTopKGating and BatchwiseGating.
+"""Tests of NoisyTopKGating, SwitchGating, SoftmaxGating and BatchwiseGating.
 
 Expected values come from NumPy reimplementations, hand calculations or
 Monte Carlo averages, never from the code under test.
@@ -12,7 +12,7 @@ import tensorflow as tf
 from numpy.testing import assert_allclose, assert_array_equal
 
 from keras_moe.batchwise import BatchwiseGating
-from keras_moe.gating import NoisyTopKGating
+from keras_moe.gating import NoisyTopKGating, SoftmaxGating, SwitchGating
 
 # ---------------------------------------------------------------------------
 # NumPy helpers.
@@ -46,11 +46,17 @@ def dense_gates(decision, num_tokens, num_experts):
 
 
 def make_gating(num_experts, k, d, gating="noisy_top_k", w_gate=None, w_noise=None, **kwargs):
-    layer = NoisyTopKGating(num_experts, k=k, gating=gating, **kwargs)
+    # The `gating` names of `MoE`: "switch" and "softmax" have classes of their own.
+    if gating == "switch":
+        layer = SwitchGating(num_experts, k=k, **kwargs)
+    elif gating == "softmax":
+        layer = SoftmaxGating(num_experts, k=k, **kwargs)
+    else:
+        layer = NoisyTopKGating(num_experts, k=k, gating=gating, **kwargs)
     layer.build((d,))
     if w_gate is not None:
         layer.w_gate.assign(np.asarray(w_gate, np.float32))
-    if w_noise is not None:
+    if w_noise is not None and layer.noisy:
         layer.w_noise.assign(np.asarray(w_noise, np.float32))
     return layer
 
@@ -605,7 +611,7 @@ def test_batchwise_w_gate_is_random_not_zero():
 )
 def test_noisy_top_k_invalid_arguments(kwargs, name, received):
     with pytest.raises(ValueError) as info:
-        NoisyTopKGating(**kwargs)
+        make_gating(d=3, **kwargs)
     message = str(info.value)
     assert name in message
     assert received in message
@@ -616,6 +622,13 @@ def test_switch_and_softmax_error_messages_name_the_gating():
         NoisyTopKGating(4, k=2, gating="switch")
     with pytest.raises(ValueError, match="softmax"):
         NoisyTopKGating(4, k=2, gating="softmax")
+    with pytest.raises(ValueError, match="switch"):
+        SwitchGating(4, k=2)
+    with pytest.raises(ValueError, match="softmax"):
+        SoftmaxGating(4, k=2)
+    # NoisyTopKGating points to the classes that now hold those rules.
+    with pytest.raises(ValueError, match="SwitchGating"):
+        NoisyTopKGating(4, k=1, gating="switch")
 
 
 @pytest.mark.parametrize(
@@ -637,6 +650,7 @@ def test_batchwise_invalid_arguments(kwargs, received):
 def test_valid_edge_arguments_are_accepted():
     NoisyTopKGating(1, k=1)
     NoisyTopKGating(4, k=4)
-    NoisyTopKGating(4, k=1, gating="switch", importance_weight=0, load_weight=0, noise_epsilon=0)
-    NoisyTopKGating(3, k=3, gating="softmax")
+    SwitchGating(4, k=1, importance_weight=0, load_weight=0)
+    SoftmaxGating(3, k=3)
+    SoftmaxGating(3)
     BatchwiseGating(4, k=4, threshold_weight=0.0)

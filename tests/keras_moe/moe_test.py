@@ -584,3 +584,97 @@ def test_saved_model_reloads_in_a_fresh_process(tmp_path):
         reloaded = np.load(tmp_path / f"{name}_reloaded.npy")
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(reloaded, expected, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------- symbolic inputs and observers ---
+
+
+def test_return_routing_on_a_symbolic_input_raises_naming_it():
+    inputs = keras.Input((5, 6))
+    layer = keras_moe.MoE(4, 8, k=2, name="moe")
+    with pytest.raises(ValueError, match="return_routing"):
+        layer(inputs, return_routing=True)
+    with pytest.raises(ValueError, match="return_routing"):
+        keras_moe.HierarchicalMoE(2, 2, 8, k_primary=1, k_secondary=1)(
+            inputs, return_routing=True
+        )
+    # Without it the symbolic call builds a functional model as before.
+    model = keras.Model(inputs, layer(inputs))
+    assert model.output.shape == (None, 5, 6)
+    _, routing = layer(np.ones((2, 5, 6), "float32"), return_routing=True)
+    assert routing.expert_indices.shape == (2, 5, 2)
+
+
+def test_routing_observers_see_every_call_and_can_be_removed():
+    layer = keras_moe.MoE(4, 8, k=2, gating="top_k", name="moe")
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype("float32")
+    seen = []
+
+    def observer(inputs, routing, training):
+        seen.append((inputs, routing, training))
+
+    layer.add_routing_observer(observer)
+    assert layer.routing_observers == (observer,)
+    _, returned = layer(x, training=True, return_routing=True)
+    (inputs, observed, training), = seen
+    assert training is True
+    np.testing.assert_array_equal(np.asarray(inputs), x)
+    # The observer gets the very Routing that return_routing=True returns.
+    assert observed is returned
+    # In a traced function it sees symbolic tensors and can return them.
+    seen.clear()
+    traced = tf.function(lambda t: (layer(t), seen[-1][1].counts))
+    _, counts = traced(tf.constant(x))
+    np.testing.assert_array_equal(counts.numpy(), returned.counts.numpy())
+    layer.remove_routing_observer(observer)
+    assert layer.routing_observers == ()
+    with pytest.raises(ValueError, match="observer"):
+        layer.remove_routing_observer(observer)
+    with pytest.raises(ValueError, match="observer"):
+        layer.add_routing_observer("not callable")
+
+
+# ------------------------------------ .keras files of the previous layout ---
+
+LEGACY = os.path.join(os.path.dirname(__file__), "legacy")
+
+
+@pytest.mark.parametrize("name", ["switch", "softmax", "noisy", "hierarchical"])
+def test_keras_files_saved_before_the_gating_classes_load_and_agree(name):
+    """Files written by keras_moe before SwitchGating / SoftmaxGating existed.
+
+    `legacy/<name>.keras` and `<name>.npz` were saved by the previous
+    implementation (gating rules inside NoisyTopKGating, `_init_base`), with
+    the outputs it gave on `legacy/x.npy`.
+    """
+    model = keras.saving.load_model(os.path.join(LEGACY, f"{name}.keras"))
+    layer = model.get_layer("moe")
+    expected = np.load(os.path.join(LEGACY, f"{name}.npz"))
+    x = np.load(os.path.join(LEGACY, "x.npy"))
+    gate_class = {
+        "switch": keras_moe.SwitchGating, "softmax": keras_moe.SoftmaxGating,
+        "noisy": keras_moe.NoisyTopKGating, "hierarchical": keras_moe.HierarchicalGating,
+    }[name]
+    assert type(layer.gating) is gate_class
+    y, routing = layer(x, return_routing=True)
+    np.testing.assert_allclose(y.numpy(), expected["y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(routing.expert_indices.numpy(), expected["indices"])
+    np.testing.assert_allclose(routing.gates.numpy(), expected["gates"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(routing.importance.numpy(), expected["importance"], rtol=1e-5)
+    np.testing.assert_allclose(float(routing.aux_loss), expected["aux"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model(x).numpy(), expected["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_gate_config_of_the_old_switch_and_softmax_rules_still_deserializes():
+    old = {"num_experts": 4, "k": 1, "gating": "switch", "importance_weight": 0.2,
+           "load_weight": 0.3, "noise_epsilon": 0.01, "seed": 3, "name": "gating"}
+    gate = keras_moe.NoisyTopKGating.from_config(old)
+    assert type(gate) is keras_moe.SwitchGating
+    assert (gate.k, gate.importance_weight, gate.load_weight) == (1, 0.2, 0.3)
+    old = {**old, "k": 3, "num_experts": 3, "gating": "softmax"}
+    assert type(keras_moe.NoisyTopKGating.from_config(old)) is keras_moe.SoftmaxGating
+    # Saved together with the NoisyTopKGating's unused W_noise: it is skipped.
+    gate.build((5,))
+    w_gate = np.arange(20, dtype="float32").reshape(5, 4)
+    gate.load_own_variables({"0": w_gate, "1": np.ones((5, 4), "float32")})
+    np.testing.assert_array_equal(gate.w_gate.numpy(), w_gate)

@@ -61,7 +61,7 @@ CAPACITY_FACTOR = 0.75
 # max/mean loads are 1.42-1.83), so the flag and the alarms are exercised.
 MAX_MEAN_THRESHOLD = 1.6
 STAT_NAMES = (
-    "cv_importance", "cv_load", "max_mean_load", "dead_experts", "top_share", "router_entropy",
+    "cv_importance", "cv_load", "max_mean_load", "zero_experts", "top_share", "router_entropy",
 )
 
 
@@ -141,7 +141,7 @@ def _expected_statistics(importance, counts):
         "cv_importance": importance.std() / importance.mean(),
         "cv_load": counts.std() / counts.mean(),
         "max_mean_load": counts.max() / counts.mean(),
-        "dead_experts": float(np.sum(counts == 0)),
+        "zero_experts": float(np.sum(counts == 0)),
         "top_share": np.sort(counts)[-busiest:].sum() / counts.sum(),
         "router_entropy": -np.sum(p * np.log(p)) / np.log(n),
     }
@@ -250,7 +250,7 @@ def test_collapsed_flag_and_alarms_follow_the_thresholds(frozen_run):
         for i, step in enumerate(WRITE_STEPS):
             counts, importance, _ = _expected_sums(frozen_run["batches"], layer, _window(step))
             s = _expected_statistics(importance, counts)
-            collapsed = s["dead_experts"] / E > 0.25 or s["top_share"] > 0.5
+            collapsed = s["zero_experts"] / E > 0.25 or s["top_share"] > 0.5
             collapsed |= s["max_mean_load"] > MAX_MEAN_THRESHOLD
             if layer == "hmoe":
                 idx = np.concatenate(
@@ -274,8 +274,9 @@ def test_collapsed_flag_and_alarms_follow_the_thresholds(frozen_run):
 
 def test_refit_continues_steps_and_unhooks_the_layers(frozen_run, tmp_path):
     model, x = frozen_run["model"], frozen_run["x"]
-    assert frozen_run["moe"].routing_accumulators is None
-    assert frozen_run["hmoe"].routing_accumulators is None
+    # The callback's routing observers are gone once `fit` ends.
+    assert frozen_run["moe"].routing_observers == ()
+    assert frozen_run["hmoe"].routing_observers == ()
     # A second fit: steps go on from optimizer.iterations (12), so the next
     # write is at step 16, summing steps 14-16 (batches 1-3).
     monitor = keras_moe.RoutingMonitor(str(tmp_path), every_n_steps=EVERY, window=WINDOW)
@@ -411,7 +412,7 @@ def test_window_statistics_edge_cases():
     assert s["cv_load"] == 0 and s["max_mean_load"] == 1 and s["router_entropy"] == 1
     assert s["top_share"] == 0.25  # ceil(0.1 * 4) = 1 expert
     s = monitoring.window_statistics([1.0, 0.0, 0.0, 0.0], [7, 0, 0, 0])
-    assert s["dead_experts"] == 3 and s["max_mean_load"] == 4 and s["router_entropy"] == 0
+    assert s["zero_experts"] == 3 and s["max_mean_load"] == 4 and s["router_entropy"] == 0
     assert monitoring.top_count(30, 0.1) == 3 and monitoring.top_count(8, 0.1) == 1
     # Many experts: bars are averaged into at most max_columns columns.
     assert monitoring.sorted_bar_chart(np.arange(1000.0), max_columns=100).shape == (64, 100, 3)
@@ -426,6 +427,9 @@ def test_window_statistics_edge_cases():
         ({"every_n_steps": 2.5}, "every_n_steps"),
         ({"every_n_steps": 10, "window": 11}, "window"),
         ({"window": 0}, "window"),
+        ({"zero_expert_fraction_threshold": 1.0}, "zero_expert_fraction_threshold"),
+        ({"zero_expert_fraction_threshold": -0.1}, "zero_expert_fraction_threshold"),
+        # The deprecated name still works, and its errors name it.
         ({"dead_fraction_threshold": 1.0}, "dead_fraction_threshold"),
         ({"dead_fraction_threshold": -0.1}, "dead_fraction_threshold"),
         ({"max_mean_threshold": 0.5}, "max_mean_threshold"),
@@ -445,7 +449,8 @@ def test_invalid_arguments_raise(kwargs, name):
 
 def test_thresholds_can_be_switched_off():
     monitor = keras_moe.RoutingMonitor(
-        "logs", dead_fraction_threshold=None, max_mean_threshold=None, top_share_threshold=None
+        "logs", zero_expert_fraction_threshold=None, max_mean_threshold=None,
+        top_share_threshold=None,
     )
     assert monitor._collapse_reasons(
         monitoring.window_statistics([1.0, 0.0], [9, 0])

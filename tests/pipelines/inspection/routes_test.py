@@ -302,3 +302,28 @@ def test_expert_contexts_and_gate_matrix():
     np.testing.assert_array_equal(
         ki.gate_matrix(layer, 0), [[0.5, 0, 0], [0, 0.9, 0], [0.8, 0, 0], [0, 0.1, 0]]
     )
+
+
+def test_route_observes_the_layers_without_replacing_their_call():
+    """route() records through routing observers; `call` stays the class's own."""
+    model = _small_model()
+    moe = model.get_layer("moe")
+    _randomize(moe.gating.w_gate, moe.gating.w_noise, seed=5)
+    during = []
+
+    def forward(m, tokens):
+        during.append(("call" in moe.__dict__, len(moe.routing_observers)))
+        return m(tokens, training=False)
+
+    result = ki.route(model, TEXTS, forward=forward)["layers"]["moe"]
+    # While route() runs the layer has one observer and no instance `call`.
+    assert during and all(entry == (False, 1) for entry in during)
+    assert moe.routing_observers == ()
+    # The results are those of the layer's own Routing (and NumPy).
+    embedding = model.layers[1]
+    _check_flat_layer(result, moe, [embedding(tf.constant(row)) for row in TEXTS])
+    # An observer of the user's stays, and sees route()'s calls as well.
+    seen = []
+    moe.add_routing_observer(lambda inputs, routing, training: seen.append(routing))
+    ki.route(model, TEXTS)
+    assert len(moe.routing_observers) == 1 and seen

@@ -283,7 +283,7 @@ def test_routing_report_on_a_router_that_sends_everything_to_two_experts(corpus)
     assert stats["set_cv_importance"] == pytest.approx(1.0)
     assert stats["set_max_mean_load"] == pytest.approx(2.0)
     assert stats["batch_max_mean_load"] == pytest.approx(2.0)
-    assert stats["experts_without_positions"] == 2
+    assert stats["zero_experts"] == 2
     # Balanced by hand: gate weights that make each expert win on a quarter
     # of the inputs would give CV 0; here a random gate must at least leave
     # no expert unused on this corpus and lower the imbalance.
