@@ -19,6 +19,7 @@ results.json               the final scores
 translations/<split>.hyp   translation: hypotheses of the final evaluation
 eval/<source>.hyp, .json   translation: `translate evaluate` outputs
 inspect.html               `keras-moe inspect` report
+data/                      `keras-moe translate demo`: the parallel files it trained on
 ```
 
 Every pipeline module names these through a `RunDir` instead of joining
@@ -179,6 +180,11 @@ class RunDir(os.PathLike):
         return self.join("eval")
 
     @property
+    def demo_data_dir(self):
+        """`data/`: where `keras-moe translate demo` writes the parallel files it trains on."""
+        return self.join("data")
+
+    @property
     def inspect_report(self):
         return self.join("inspect.html")
 
@@ -252,11 +258,18 @@ class RunDir(os.PathLike):
         return path
 
     def read_json(self, path):
-        """The JSON data of `path`, or None when the file does not exist."""
+        """The JSON data of `path` (a path of this run), or None when the file does not exist.
+
+        Raises:
+            ValueError: naming the file when it is not valid JSON.
+        """
         if not os.path.exists(path):
             return None
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error})") from None
 
     def write_results(self, results):
         """Write `results.json`; returns `results`."""

@@ -205,22 +205,9 @@ TASK = TranslationTask()
 
 
 def train(config, run_dir, strategy=None):
-    """Train the translation model `config` describes; write the run into `run_dir`.
+    """Train the translation model that `config` (a `TranslateConfig`) describes into `run_dir`.
 
-    Args:
-        config: a `TranslateConfig`.
-        run_dir: the run directory (created; resumed when it holds a backup
-            of the same configuration).
-        strategy: optional `tf.distribute.Strategy` of `train.strategy`,
-            already made (`distribution.make_strategy`); None makes it.
-
-    Returns:
-        The results dict also written to `run_dir/results.json` (on a
-        non-chief `multi_worker` task: `chief`, `task` and `steps` only).
-
-    Raises:
-        FileNotFoundError, ValueError: naming the file or key at fault;
-            raised before the run directory is touched.
+    `trainer.train` with `TASK` (see it for `strategy`, the results and the errors).
     """
     return trainer.train(TASK, config, run_dir, strategy)
 
