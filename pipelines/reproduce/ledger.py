@@ -83,7 +83,8 @@ def hardware(replicas=1):
 
 def git_state(path=None):
     """`(commit, dirty)` of the git checkout holding this package; `(None, None)` outside one."""
-    root = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # pipelines/reproduce/ledger.py: the checkout is three folders up.
+    root = path or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def git(*args):
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
