@@ -177,6 +177,7 @@ class ValidationPerplexity(trainer.Validation):
 class LanguageModelTask(trainer.Task):
     """The language-model pipeline's part of training (see `trainer.Task`)."""
 
+    config_noun = "an LMConfig"
     config_class = LMConfig
     batch_keys = ("batch_size", "batch_tokens")
 

@@ -40,12 +40,14 @@ class Task:
     """What a training pipeline defines; `train` does the rest.
 
     Subclasses set `config_class` (the run configuration's dataclass,
-    with `data`, `model` and `train` sections) and `batch_keys` (the
+    with `data`, `model` and `train` sections), `config_noun` (how an
+    error names it: "an LMConfig") and `batch_keys` (the
     `data` keys that size a batch: `multi_worker` divides them by the
     replicas), and implement the methods that raise `NotImplementedError`.
     """
 
     config_class = None
+    config_noun = None
     batch_keys = ("batch_tokens",)
 
     def check_inputs(self, config):
@@ -177,11 +179,9 @@ def build_model(task, config, vocab_size, compile=True):
 
 def check_config(task, config):
     """TypeError unless `config` is the task's configuration class."""
-    cls = task.config_class
-    if not isinstance(config, cls):
-        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+    if not isinstance(config, task.config_class):
         raise TypeError(
-            f"`config` must be {article} {cls.__name__}. Received: {type(config).__name__}"
+            f"`config` must be {task.config_noun}. Received: {type(config).__name__}"
         )
 
 

@@ -128,6 +128,7 @@ def _valid_pairs(config):
 class TranslationTask(trainer.Task):
     """The translation pipeline's part of training (see `trainer.Task`)."""
 
+    config_noun = "a TranslateConfig"
     config_class = TranslateConfig
     batch_keys = ("batch_tokens",)
 
