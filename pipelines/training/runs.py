@@ -1,6 +1,7 @@
 """What every training pipeline does with its run directory and its routing.
 
-Shared by `lm_train` and `translate_train`:
+Used by the one trainer (`keras_moe.pipelines.training.trainer`) that both
+pipelines train with; every path comes from `rundir.RunDir`:
 
 - `prepare_run_dir`: write the resolved `config.yaml` first, or check that a
   resumed run has the same configuration (nothing is deleted or overwritten
