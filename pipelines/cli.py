@@ -32,7 +32,7 @@ def _dataclass_from_args(cls, args):
 
 
 def _add_strategy_flags(parser):
-    from keras_moe.pipelines.lm.config import STRATEGIES
+    from keras_moe.pipelines.training.config import STRATEGIES
 
     parser.add_argument(
         "--strategy", choices=STRATEGIES, default=None,

@@ -44,6 +44,8 @@ import os
 
 import yaml
 
+from keras_moe.pipelines.training.rundir import RunDir
+
 # Final scores taken from results.json, per split.
 FINAL_SCORES = ("bleu", "bleu_tokenized", "chrf", "perplexity")
 # Metrics where a larger value is better; every other metric is a loss.
@@ -86,16 +88,6 @@ def _flatten(data, prefix=""):
         else:
             flat[name] = value
     return flat
-
-
-def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
 def _number(text, path, line, column):
@@ -154,15 +146,16 @@ def read_run(spec):
         label, run_dir = os.path.basename(os.path.normpath(spec)), spec
     elif not label:
         raise ValueError(f"Empty label before '=' in {spec!r}; write LABEL=RUN_DIR or RUN_DIR.")
-    if not os.path.isdir(run_dir):
+    run = RunDir(run_dir)
+    if not run.exists():
         raise FileNotFoundError(f"Run directory {run_dir!r} does not exist.")
-    history_path = os.path.join(run_dir, "history.csv")
+    history_path = run.history_file
     if not os.path.exists(history_path):
         raise FileNotFoundError(
             f"{history_path} does not exist: {run_dir!r} is not a keras-moe run directory, "
             "or its run has not finished an evaluation yet."
         )
-    config_path = os.path.join(run_dir, "config.yaml")
+    config_path = run.config_file
     config = {}
     if os.path.exists(config_path):
         with open(config_path, encoding="utf-8") as f:
@@ -174,8 +167,8 @@ def read_run(spec):
     if not isinstance(steps_per_eval, int) or steps_per_eval <= 0:
         raise ValueError(f"{config_path}: `train.steps_per_eval` is missing or not a positive "
                          f"integer (found {steps_per_eval!r}).")
-    results = _read_json(os.path.join(run_dir, "results.json"))
-    elapsed = _read_json(os.path.join(run_dir, "elapsed.json"))
+    results = run.read_json(run.results_file) or {}
+    elapsed = run.read_json(run.elapsed_file) or {}
 
     with open(history_path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)

@@ -202,6 +202,27 @@ def save_config(config, path):
         f.write(dump_config(config))
 
 
+def check_positive(name, value, allow_zero=False):
+    """ValueError naming `name` unless `value` is > 0 (>= 0 with `allow_zero`); None passes.
+
+    The check every configuration section's `__post_init__` makes of its
+    counts, sizes and rates.
+
+    Example:
+
+    >>> check_positive("steps", 10)
+    >>> check_positive("steps", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: `steps` must be > 0. Received: steps=0
+    """
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be {bound}. Received: {name}={value!r}")
+
+
 class PresetOverrides:
     """Mixin of a `model` section: a `preset` name plus optional argument overrides."""
 

@@ -1,11 +1,13 @@
-"""Word vocabularies, language-model windows and per-word perplexity."""
+"""Word-level vocabularies: the words of a corpus, by frequency, as ids.
+
+The sub-word kind is `keras_moe.pipelines.data.wordpiece` (which takes its
+reserved tokens from here); a run directory's vocabulary, whichever kind,
+is read by `keras_moe.pipelines.training.rundir.RunDir.load_vocabulary`.
+"""
 
 import collections
 import json
-import math
 import os
-
-import numpy as np
 
 from keras_moe.pipelines.data.lm_corpora import count_words
 
@@ -109,34 +111,6 @@ class WordVocabulary:
             raise ValueError(f"{path}: {error}") from None
 
 
-def load_vocabulary(run_dir):
-    """The vocabulary saved in a run directory, whichever kind it is.
-
-    `vocab.json` gives a `WordVocabulary`, `wordpiece.txt` a
-    `WordPieceVocabulary`; both share `encode_line`, `encode_lines`,
-    `words_in`, `decode` and `len`.
-
-    Raises:
-        FileNotFoundError: naming `run_dir` when it holds neither file.
-        ValueError: naming `run_dir` when it holds both (which one the
-            model was trained with cannot be told).
-    """
-    from keras_moe.pipelines.data import wordpiece
-
-    word_path = os.path.join(run_dir, FILENAME)
-    piece_path = os.path.join(run_dir, wordpiece.FILENAME)
-    found = [p for p in (word_path, piece_path) if os.path.isfile(p)]
-    if len(found) == 2:
-        raise ValueError(f"{run_dir}: holds both {FILENAME} and {wordpiece.FILENAME}; keep one")
-    if not found:
-        raise FileNotFoundError(
-            f"no vocabulary in {run_dir} (expected {FILENAME} or {wordpiece.FILENAME})"
-        )
-    if found[0] == word_path:
-        return WordVocabulary.load(word_path)
-    return wordpiece.WordPieceVocabulary.load(piece_path)
-
-
 def check_vocabulary_matches(vocab, vocab_size, source):
     """Raise unless `vocab` has exactly `vocab_size` entries; returns `vocab`.
 
@@ -161,55 +135,3 @@ def check_vocabulary_matches(vocab, vocab_size, source):
             f"{source}: the vocabulary has {len(vocab)} entries but the model expects {vocab_size}"
         )
     return vocab
-
-
-def stream_windows(id_lines, length):
-    """Cut the concatenated id stream into `[n, length]` inputs and targets.
-
-    The stream is every line's ids (each ending in `<eos>`) one after the
-    other; targets are the next token. The last window is padded with id 0
-    and weight 0, so every token of the stream after the first is predicted
-    exactly once.
-
-    Returns:
-        `(inputs, targets, weights)` as NumPy arrays of shape `[n, length]`.
-    """
-    if not isinstance(length, int) or length < 1:
-        raise ValueError(f"`length` must be an integer >= 1. Received: length={length!r}")
-    stream = np.fromiter((i for ids in id_lines for i in ids), dtype=np.int32)
-    if stream.size < 2:
-        raise ValueError("the corpus has fewer than two tokens")
-    inputs_flat, targets_flat = stream[:-1], stream[1:]
-    n = math.ceil(inputs_flat.size / length)
-    pad = n * length - inputs_flat.size
-    inputs = np.concatenate([inputs_flat, np.zeros(pad, np.int32)]).reshape(n, length)
-    targets = np.concatenate([targets_flat, np.zeros(pad, np.int32)]).reshape(n, length)
-    weights = np.concatenate([np.ones(inputs_flat.size, np.float32), np.zeros(pad, np.float32)])
-    return inputs, targets, weights.reshape(n, length)
-
-
-def perplexity(model, inputs, targets, weights, batch_size=64, words=None):
-    """Perplexity over a whole evaluation set: `exp(sum NLL / count)`.
-
-    The negative log-likelihood is summed over every weighted token and
-    divided once, so batches of unequal size do not bias the result (as an
-    average of per-batch perplexities would).
-
-    Args:
-        model: maps ids `[b, t]` to logits `[b, t, V]`.
-        inputs, targets, weights: arrays from `stream_windows`.
-        batch_size: int.
-        words: optional number of words to normalise by instead of the
-            number of predicted tokens (for sub-word vocabularies).
-
-    Returns:
-        dict with `perplexity`, `loss` (mean NLL per normalising unit, nats),
-        `tokens` (predicted tokens, `<eos>` included) and `words`.
-    """
-    from keras_moe.pipelines.lm.inputs import perplexity_from_batches
-
-    batches = (
-        (inputs[i : i + batch_size], targets[i : i + batch_size], weights[i : i + batch_size])
-        for i in range(0, len(inputs), batch_size)
-    )
-    return perplexity_from_batches(model, batches, words=words)

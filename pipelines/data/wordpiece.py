@@ -146,10 +146,23 @@ class WordPieceVocabulary:
     def _tokenize(self, words):
         """Ragged `[len(words), pieces]` int32 ids of a 1-D string tensor of words."""
         if self._tokenizer is None:
-            self._tokenizer, self.tokenizer_name = self._build_tokenizer()
+            self._tokenizer, self.tokenizer_name = self.build_tokenizer()
         return tf.cast(self._tokenizer.tokenize(words), tf.int32)
 
-    def _build_tokenizer(self):
+    def build_tokenizer(self):
+        """A new TensorFlow Text tokenizer of this vocabulary, and its class name.
+
+        `FastWordpieceTokenizer` (int32 ids); should it fail to build, the
+        reference `WordpieceTokenizer` over a lookup table (int64 ids, the
+        same ones) with a warning. `encode_lines` tokenizes with one of
+        these; an exported graph that must cut words into the same pieces
+        tracks its own (`keras_moe.pipelines.translate.export`).
+
+        Returns:
+            `(tokenizer, name)`: a tokenizer whose `tokenize` maps a 1-D
+            string tensor of words to ragged piece ids, and
+            `"FastWordpieceTokenizer"` or `"WordpieceTokenizer"`.
+        """
         import tensorflow_text as text
 
         try:

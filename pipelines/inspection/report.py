@@ -34,6 +34,7 @@ from keras_moe.monitoring import bar_chart
 from keras_moe.pipelines.data import lm_corpora
 from keras_moe.pipelines.inspection import routes as routing_inspect
 from keras_moe.pipelines.lm import train as lm_train
+from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.validation import check_int
 
@@ -137,7 +138,7 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
     report = {"run_dir": os.fspath(run_dir), "model": model_path, "data": os.fspath(data),
               **report}
     report["tables"] = format_tables(report)
-    out = os.fspath(out) if out is not None else os.path.join(run_dir, "inspect.html")
+    out = os.fspath(out) if out is not None else RunDir(run_dir).inspect_report
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
@@ -153,7 +154,7 @@ def is_translation_run(run_dir):
     """Whether `run_dir` was written by `translate_train.train` (its config has `decode`)."""
     import yaml
 
-    path = os.path.join(run_dir, "config.yaml")
+    path = RunDir(run_dir).config_file
     if not os.path.exists(path):
         return False
     with open(path, encoding="utf-8") as f:

@@ -9,8 +9,6 @@ vocabulary, the trained `.keras` model and `results.json`.
 """
 
 import dataclasses
-import json
-import os
 import time
 
 import keras
@@ -19,7 +17,9 @@ import numpy as np
 import keras_moe
 from keras_moe.models.lm import moe_lstm_language_model
 from keras_moe.pipelines.data import corpora
-from keras_moe.pipelines.data.vocabulary import WordVocabulary, perplexity, stream_windows
+from keras_moe.pipelines.data.vocabulary import WordVocabulary
+from keras_moe.pipelines.lm.inputs import array_perplexity, stream_arrays
+from keras_moe.pipelines.training.rundir import RunDir
 
 
 @dataclasses.dataclass
@@ -93,17 +93,17 @@ def expert_load_table(model, inputs, batch_size=64):
 def run_demo(config):
     """Train, evaluate and report; returns the results dict."""
     keras.utils.set_random_seed(config.seed)
-    os.makedirs(config.run_dir, exist_ok=True)
+    run = RunDir(config.run_dir).makedirs()
     started = time.time()
     tokenize = choose_tokenizer(config)
     train, valid, test, source = load_demo_text(config)
     train_tokens = [tokenize(line) for line in train]
     vocab = WordVocabulary.build(train_tokens, max_size=config.vocab_size)
-    vocab.save(os.path.join(config.run_dir, "vocab.json"))
+    run.save_vocabulary(vocab)
 
     def windows(lines, limit=None):
         ids = [vocab.encode(tokenize(line)) for line in lines]
-        x, y, w = stream_windows(ids, config.seq_len)
+        x, y, w = stream_arrays(ids, config.seq_len)
         if limit:
             n = max(1, limit // config.seq_len)
             x, y, w = x[:n], y[:n], w[:n]
@@ -129,7 +129,7 @@ def run_demo(config):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
-    log_dir = os.path.join(config.run_dir, "tensorboard")
+    log_dir = run.tensorboard_dir
     monitor = keras_moe.RoutingMonitor(log_dir, every_n_steps=config.monitor_every_n_steps)
     history = model.fit(
         x_train, y_train, sample_weight=w_train, batch_size=config.batch_size,
@@ -141,9 +141,9 @@ def run_demo(config):
         ],
         verbose=2,
     )
-    model.save(os.path.join(config.run_dir, "model.keras"))
-    valid_ppl = perplexity(model, x_valid, y_valid, w_valid)
-    test_ppl = perplexity(model, x_test, y_test, w_test)
+    model.save(run.model_file)
+    valid_ppl = array_perplexity(model, x_valid, y_valid, w_valid)
+    test_ppl = array_perplexity(model, x_test, y_test, w_test)
     counts = expert_load_table(model, x_test)
     share = counts / max(counts.sum(), 1.0)
     mean = counts.mean()
@@ -163,8 +163,7 @@ def run_demo(config):
         "train_history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
         "wall_seconds": round(time.time() - started, 1),
     }
-    with open(os.path.join(config.run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    run.write_results(results)
 
     print()
     print(f"validation perplexity {valid_ppl['perplexity']:.1f}, "

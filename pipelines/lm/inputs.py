@@ -43,12 +43,25 @@ def _eos_id(vocab):
 def stream_windows(lines, vocab, seq_len, offset=0):
     """`(inputs, targets, weights)` windows of `seq_len` over the token stream.
 
-    The last window is padded with id 0 and weight 0. `offset` tokens at the
-    start of the stream are skipped (used to move window boundaries).
+    An `<eos>` is put in front of the first line, so its first word is
+    predicted too. The last window is padded with id 0 and weight 0.
+    `offset` tokens at the start of the stream are skipped (used to move
+    window boundaries).
     """
-    buffer = [_eos_id(vocab)]
+    return id_windows(encoded_lines(lines, vocab), seq_len, offset, start=(_eos_id(vocab),))
+
+
+def id_windows(id_lines, seq_len, offset=0, start=()):
+    """`(inputs, targets, weights)` windows of `seq_len` over concatenated ids.
+
+    The stream is `start` followed by every line's ids, one after the
+    other; targets are the next token, so every token of the stream after
+    its first is predicted exactly once. The last window is padded with id
+    0 and weight 0. `offset` tokens at the start of the stream are skipped.
+    """
+    buffer = list(start)
     skip = offset
-    for ids in encoded_lines(lines, vocab):
+    for ids in id_lines:
         buffer.extend(ids)
         if skip:
             dropped = min(skip, len(buffer) - 1)
@@ -65,6 +78,26 @@ def stream_windows(lines, vocab, seq_len, offset=0):
         weights = np.zeros(seq_len, np.float32)
         weights[:n] = 1.0
         yield inputs, targets, weights
+
+
+def stream_arrays(id_lines, length):
+    """`id_windows` of already encoded lines, stacked into NumPy arrays.
+
+    The stream is every line's ids (each ending in `<eos>`) one after the
+    other, with nothing in front: its first token is not predicted.
+
+    Returns:
+        `(inputs, targets, weights)`, each of shape `[n, length]`.
+
+    Raises:
+        ValueError: for a bad `length`, or a stream of fewer than two tokens.
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"`length` must be an integer >= 1. Received: length={length!r}")
+    windows = list(id_windows(id_lines, length))
+    if not windows:
+        raise ValueError("the corpus has fewer than two tokens")
+    return tuple(np.stack(column) for column in zip(*windows, strict=True))
 
 
 def sentence_rows(lines, vocab, max_len=None):
@@ -242,3 +275,12 @@ def perplexity_from_batches(model, batches, words=None):
         total += summed
         count += weight
     return perplexity_result(total, count, words)
+
+
+def array_perplexity(model, inputs, targets, weights, batch_size=64, words=None):
+    """`perplexity_from_batches` of whole arrays (`stream_arrays`), `batch_size` rows at a time."""
+    batches = (
+        (inputs[i : i + batch_size], targets[i : i + batch_size], weights[i : i + batch_size])
+        for i in range(0, len(inputs), batch_size)
+    )
+    return perplexity_from_batches(model, batches, words=words)

@@ -1,7 +1,8 @@
 """Train and evaluate language models: the library behind `keras-moe lm`.
 
-`train(config, run_dir)` runs `model.fit` with the paper's optimiser and
-schedule and writes everything into `run_dir`:
+`train(config, run_dir)` trains with the shared trainer
+(`keras_moe.pipelines.training.trainer`: `model.fit` with the paper's
+optimiser and schedule) and writes everything into `run_dir`:
 
 ```
 run_dir/config.yaml          the resolved configuration (written first)
@@ -26,33 +27,25 @@ optimizer are built and compiled in the strategy's scope, `fit` splits each
 configured batch, the global batch, over the replicas; with
 `train.expert_parallel` each replica holds `num_experts / replicas`
 experts); `tpu`; or `multi_worker`, which trains with
-`keras_moe.pipelines.training.multi_worker.train` instead of `fit` (see `train_multi_worker`).
+`keras_moe.pipelines.training.multi_worker.train` instead of `fit` (see
+`trainer.train_multi_worker`).
+
+What is particular to language models is `LanguageModelTask`: corpora read
+line by line, a word or WordPiece vocabulary, the `presets` models, and
+per-word perplexity over whole files.
 """
 
-import json
-import os
 
-import keras
 
 from keras_moe.models import presets
-from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data import lm_corpora
-from keras_moe.pipelines.data.vocabulary import (
-    WordVocabulary,
-    check_vocabulary_matches,
-    load_vocabulary,
-)
+from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
-from keras_moe.pipelines.training import distribution
-from keras_moe.pipelines.training.runs import (
-    find_model,
-    fit_and_save,
-    prepare_run_dir,
-    run_callbacks,
-)
+from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
 
 CONVENTION = (
@@ -94,14 +87,14 @@ def check_inputs(config):
 def build_vocabulary(config, run_dir):
     """The run's saved vocabulary, or a new one learned from the training text.
 
-    A new vocabulary is returned unsaved (`save_vocabulary` writes it once
-    the run directory is prepared), so bad training text fails first.
+    A new vocabulary is returned unsaved (the trainer saves it once the run
+    directory is prepared), so bad training text fails first.
     `run_dir=None` always learns it (the vocabulary is a deterministic
     function of the training text).
     """
     if run_dir is not None:
         try:
-            return load_vocabulary(run_dir)
+            return RunDir.wrap(run_dir).load_vocabulary()
         except FileNotFoundError:
             pass
     c = config.data
@@ -112,45 +105,13 @@ def build_vocabulary(config, run_dir):
     return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
 
 
-def save_vocabulary(vocab, run_dir):
-    if isinstance(vocab, WordPieceVocabulary):
-        vocab.save(run_dir)
-    else:
-        vocab.save(os.path.join(run_dir, "vocab.json"))
-
-
-def make_optimizer(train_config):
-    """Adam with the paper's schedule (`WarmupInverseSqrt`), from the `train` section."""
-    t = train_config
-    return distribution.expert_parallel_optimizer(keras.optimizers.Adam(
-        WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay),
-        beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
-    ), t.expert_parallel)
-
-
 def build_model(config, vocab_size, compile=True):
     """The configured model, built (and compiled unless `compile=False`).
 
     Call it inside the strategy's scope: the weights and the optimizer's
     variables then belong to the strategy.
     """
-    model = presets.build_language_model(
-        config.model.preset, vocab_size, seed=config.train.seed,
-        expert_parallel=config.train.expert_parallel, **config.model.overrides()
-    )
-    # Built now: BackupAndRestore restores weights into a built model only.
-    model.build((None, None))
-    if not compile:
-        return model
-    model.compile(
-        optimizer=make_optimizer(config.train),
-        loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="mean_with_sample_weight"
-        ),
-        # Sampled-softmax training never builds the full logits a metric needs.
-        weighted_metrics=None if model.num_sampled else [TokenPerplexity()],
-    )
-    return model
+    return trainer.build_model(TASK, config, vocab_size, compile)
 
 
 def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
@@ -199,7 +160,7 @@ def routing_report(model, lines_factory_, vocab, data_config):
     return evaluate_lines(model, lines_factory_, vocab, data_config, routing=True)["routing"]
 
 
-class ValidationPerplexity(keras.callbacks.Callback):
+class ValidationPerplexity(trainer.Validation):
     """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs."""
 
     def __init__(self, lines_factory_, vocab, data_config):
@@ -208,159 +169,75 @@ class ValidationPerplexity(keras.callbacks.Callback):
         self.vocab = vocab
         self.data_config = data_config
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        # An expert-parallel model is evaluated through its one-device copy.
-        model = distribution.evaluation_model(self.model)
+    def validate(self, model):
         result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config)
-        logs["val_loss"] = result["loss"]
-        logs["val_perplexity"] = result["perplexity"]
+        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
 
 
-def make_callbacks(config, run_dir, vocab, model):
-    validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
-    return run_callbacks(run_dir, model, config.train, validation, "val_perplexity", "min")
+class LanguageModelTask(trainer.Task):
+    """The language-model pipeline's part of training (see `trainer.Task`)."""
+
+    config_noun = "an LMConfig"
+    config_class = LMConfig
+    batch_keys = ("batch_size", "batch_tokens")
+
+    def check_inputs(self, config):
+        check_inputs(config)
+
+    def build_vocabulary(self, config, run_dir):
+        return build_vocabulary(config, run_dir)
+
+    def build_model(self, config, vocab_size):
+        model = presets.build_language_model(
+            config.model.preset, vocab_size, seed=config.train.seed,
+            expert_parallel=config.train.expert_parallel, **config.model.overrides()
+        )
+        model.build((None, None))
+        return model
+
+    def weighted_metrics(self, model):
+        # Sampled-softmax training never builds the full logits a metric needs.
+        return None if model.num_sampled else super().weighted_metrics(model)
+
+    def training_dataset(self, config, vocab, data_config):
+        return lm_input.training_dataset(
+            lines_factory(data_config, "train"), vocab, data_config, seed=config.train.seed
+        )
+
+    def validation(self, config, vocab):
+        validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
+        return validation, "val_perplexity", "min"
+
+    def costs(self, model):
+        return presets.costs(model.get_config())
+
+    def evaluate_run(self, config, run, model, vocab, results):
+        """Final validation (and test) perplexity, and the validation routing."""
+        valid = evaluate_lines(
+            model, lines_factory(config.data, "valid"), vocab, config.data, routing=True
+        )
+        results["routing_valid"] = valid.pop("routing")
+        results["valid"] = valid
+        if config.data.test:
+            results["test"] = evaluate_lines(
+                model, lines_factory(config.data, "test"), vocab, config.data
+            )
+
+
+TASK = LanguageModelTask()
 
 
 def train(config, run_dir, strategy=None):
-    """Train the language model `config` describes; write the run into `run_dir`.
+    """Train the language model that `config` (an `LMConfig`) describes into `run_dir`.
 
-    Args:
-        config: an `LMConfig`.
-        run_dir: the run directory (created; resumed when it holds a backup
-            of the same configuration).
-        strategy: optional `tf.distribute.Strategy` of `train.strategy`,
-            already made (`distribution.make_strategy`); None makes it.
-
-    Returns:
-        The results dict also written to `run_dir/results.json` (on a
-        non-chief `multi_worker` task: `chief`, `task` and `steps` only).
-
-    Raises:
-        FileNotFoundError, ValueError: naming the file or key at fault;
-            raised before the run directory is touched.
+    `trainer.train` with `TASK` (see it for `strategy`, the results and the errors).
     """
-    if not isinstance(config, LMConfig):
-        raise TypeError(f"`config` must be an LMConfig. Received: {type(config).__name__}")
-    t = config.train
-    if strategy is None:
-        # First: `multi_worker` and `tpu` must start before any TensorFlow op.
-        strategy = distribution.make_strategy(t.strategy)
-    if t.strategy == "multi_worker":
-        return train_multi_worker(config, run_dir, strategy)
-    check_inputs(config)
-    vocab = build_vocabulary(config, run_dir)
-    resumed = prepare_run_dir(config, run_dir)
-    if not resumed:
-        save_vocabulary(vocab, run_dir)
-    keras.utils.set_random_seed(t.seed)
-    with strategy.scope():
-        model = build_model(config, len(vocab))
-    distribution.check_model(model, t.strategy)
-    distribution.attach_evaluation_copy(model, t.strategy)
-    dataset = lm_input.training_dataset(
-        lines_factory(config.data, "train"), vocab, config.data, seed=t.seed
-    )
-    callbacks = make_callbacks(config, run_dir, vocab, model)
-    fitted = fit_and_save(model, dataset, t, callbacks, run_dir)
-    results = {
-        "preset": config.model.preset,
-        "resumed": resumed,
-        "steps": fitted["steps"],
-        "train_seconds": fitted["train_seconds"],
-        "elapsed_minutes": fitted["elapsed_minutes"],
-        "strategy": t.strategy,
-        "replicas": int(strategy.num_replicas_in_sync),
-        "costs": presets.costs(model.get_config()),
-        "history": fitted["history"],
-    }
-    return _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
-
-
-def _finish(config, run_dir, model, vocab, results):
-    """Final validation (and test) perplexity into `results`; write `results.json`."""
-    valid = evaluate_lines(
-        model, lines_factory(config.data, "valid"), vocab, config.data, routing=True
-    )
-    results["routing_valid"] = valid.pop("routing")
-    results["valid"] = valid
-    if config.data.test:
-        results["test"] = evaluate_lines(
-            model, lines_factory(config.data, "test"), vocab, config.data
-        )
-    with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    return results
-
-
-def train_multi_worker(config, run_dir, strategy):
-    """`train` under `MultiWorkerMirroredStrategy`: `keras_moe.pipelines.training.multi_worker.train`, not `fit`.
-
-    Every worker runs the same command with its own `TF_CONFIG`. Each reads
-    the training text through the pipeline's own seeded `training_dataset`
-    built with the per-replica batch (`data.batch_size` or
-    `data.batch_tokens` divided by the replicas) and keeps every n-th batch
-    (`multi_worker_dataset`). The model and Adam are created under the
-    strategy's scope; the objective is the loop's (weighted token losses
-    summed over the global batch, divided by its number of positions,
-    padding included, plus the balancing losses), and `num_sampled` is
-    ignored (full softmax).
-
-    Checkpoints: `run_dir/checkpoints/multi_worker` (`train.steps_per_eval`
-    steps apart; shared by every worker); a killed run started again with
-    the same command resumes from the last one. Not in this path:
-    validation during training, `BackupAndRestore`, the `.keras`
-    checkpoints, `history.csv`, `RoutingMonitor`, `train.time_limit_minutes`.
-
-    Only the chief (task 0) writes the run directory: `config.yaml`, the
-    vocabulary, `tensorboard/train` (loss, balancing loss and perplexity
-    every `train.monitor_every_n_steps` steps), and after training
-    `model.keras` and `results.json` (with the final validation and test
-    perplexity, computed on a one-device copy). The other workers write only
-    `multi_worker.train`'s temporary checkpoints
-    (`checkpoints/multi_worker/workertemp_<task>`, deleted at once), and
-    wait for the chief's evaluation before they exit.
-    """
-    t = config.train
-    chief = distribution.is_chief(strategy)
-    check_inputs(config)
-    # Every worker learns the same vocabulary; only the chief reads or writes the run.
-    vocab = build_vocabulary(config, run_dir if chief else None)
-    resumed = False
-    if chief:
-        resumed = prepare_run_dir(config, run_dir)
-        if not resumed:
-            save_vocabulary(vocab, run_dir)
-    def build():
-        return build_model(config, len(vocab), compile=False), make_optimizer(t)
-
-    def make_dataset(data_config):
-        return lm_input.training_dataset(
-            lines_factory(data_config, "train"), vocab, data_config, seed=t.seed
-        )
-
-    model, results = distribution.train_multi_worker(
-        config, run_dir, strategy, build, make_dataset, ("batch_size", "batch_tokens"), resumed,
-    )
-    if chief:
-        results["costs"] = presets.costs(model.get_config())
-        results = _finish(config, run_dir, distribution.evaluation_model(model), vocab, results)
-    distribution.barrier(strategy)
-    return results
+    return trainer.train(TASK, config, run_dir, strategy)
 
 
 def load_run(run_dir):
     """The configuration, vocabulary and model of a run directory."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = config_lib.load_config(LMConfig, path)
-    vocab = load_vocabulary(run_dir)
-    model_path = find_model(run_dir)
-    model = keras.saving.load_model(model_path, compile=False)
-    check_vocabulary_matches(vocab, model.vocab_size, model_path)
-    return config, vocab, model, model_path
+    return trainer.load_run(TASK, run_dir)
 
 
 def evaluate(run_dir, data, format=None):

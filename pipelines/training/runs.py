@@ -1,6 +1,7 @@
 """What every training pipeline does with its run directory and its routing.
 
-Shared by `lm_train` and `translate_train`:
+Used by the one trainer (`keras_moe.pipelines.training.trainer`) that both
+pipelines train with; every path comes from `rundir.RunDir`:
 
 - `prepare_run_dir`: write the resolved `config.yaml` first, or check that a
   resumed run has the same configuration (nothing is deleted or overwritten
@@ -41,6 +42,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
     resume_step,
     write_backup,
 )
+from keras_moe.pipelines.training.rundir import RunDir
 
 # Keys that only steer how a run is executed: a resumed run may change them.
 RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
@@ -59,7 +61,7 @@ def prepare_run_dir(config, run_dir):
     Args:
         config: a run configuration (a dataclass tree with a `train`
             section); a saved one is read back as the same class.
-        run_dir: the run directory.
+        run_dir: the run directory (a `RunDir` or a path).
 
     Returns:
         True when the directory already held this run (it resumes), or a
@@ -70,11 +72,12 @@ def prepare_run_dir(config, run_dir):
             extend, or a different configuration (`train.time_limit_minutes`
             and `train.verbose` may change between a run and its resumption).
     """
-    path = os.path.join(run_dir, "config.yaml")
-    if os.path.exists(os.path.join(run_dir, "model.keras")):
-        extend_finished_run(config, run_dir)
+    run = RunDir.wrap(run_dir)
+    path = run.config_file
+    if run.is_finished():
+        extend_finished_run(config, run.path)
         return True
-    resumed = os.path.exists(path)
+    resumed = run.is_run()
     if resumed:
         saved = config_lib.load_config(type(config), path)
         if _comparable(saved) != _comparable(config):
@@ -83,7 +86,7 @@ def prepare_run_dir(config, run_dir):
                 "same configuration (only train.time_limit_minutes and train.verbose may "
                 "change) or choose a new --run-dir"
             )
-    os.makedirs(run_dir, exist_ok=True)
+    run.makedirs()
     config_lib.save_config(config, path)
     return resumed
 
@@ -92,8 +95,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     """The callbacks of a training run, in the order they must run.
 
     Args:
-        run_dir: the run directory; `backup/`, `checkpoints/`, `tensorboard/`
-            and `history.csv` go into it.
+        run_dir: the run directory (a `RunDir` or a path); `backup/`,
+            `checkpoints/`, `tensorboard/` and `history.csv` go into it.
         model: the model being trained; a `RoutingMonitor` is added when it
             has MoE layers.
         train: the config's `train` section (`monitor_every_n_steps`,
@@ -108,24 +111,24 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     Returns:
         A list of callbacks for `model.fit`.
     """
-    log_dir = os.path.join(run_dir, "tensorboard")
-    checkpoints = os.path.join(run_dir, "checkpoints")
-    os.makedirs(checkpoints, exist_ok=True)
+    run = RunDir.wrap(run_dir)
+    log_dir = run.tensorboard_dir
+    os.makedirs(run.checkpoints_dir, exist_ok=True)
     callbacks = [
         # First at an epoch's end: the time is noted before the backup of that
         # step is written, so a resumed run always finds its step's time.
-        TrainingClock(run_dir, train.time_limit_minutes),
+        TrainingClock(run, train.time_limit_minutes),
         StepLimit(train.steps),
         # Before the others, so that a resumed run has its weights back
         # before anything else runs.
-        backup_and_restore(run_dir),
+        backup_and_restore(run.path),
         keras.callbacks.TerminateOnNaN(),
         # Before the logger and checkpoints, which read the values it adds.
         validation,
-        HistoryLogger(os.path.join(run_dir, "history.csv")),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoints, "last.keras")),
+        HistoryLogger(run.history_file),
+        keras.callbacks.ModelCheckpoint(run.last_checkpoint),
         keras.callbacks.ModelCheckpoint(
-            os.path.join(checkpoints, "best.keras"), monitor=monitor, mode=mode,
+            run.best_checkpoint, monitor=monitor, mode=mode,
             save_best_only=True,
         ),
         *extra,
@@ -251,7 +254,8 @@ class TrainingClock(keras.callbacks.Callback):
     several sittings reports the time of one uninterrupted run.
 
     Args:
-        run_dir: the run directory (`elapsed.json` goes there).
+        run_dir: the run directory, a `RunDir` or a path (`elapsed.json`
+            goes there).
         limit_minutes: optional; training stops after the batch during which
             the run's time passes it (then the run is evaluated and saved).
         clock: a function returning seconds (for tests); `time.monotonic`.
@@ -259,7 +263,8 @@ class TrainingClock(keras.callbacks.Callback):
 
     def __init__(self, run_dir, limit_minutes=None, clock=time.monotonic):
         super().__init__()
-        self.path = os.path.join(run_dir, "elapsed.json")
+        self.run = RunDir.wrap(run_dir)
+        self.path = self.run.elapsed_file
         self.limit = None if limit_minutes is None else limit_minutes * 60.0
         self.clock = clock
         self.start = None
@@ -276,11 +281,9 @@ class TrainingClock(keras.callbacks.Callback):
     @staticmethod
     def read_noted(run_dir):
         """`run_dir/elapsed.json` as {step: seconds}; empty when there is none."""
-        path = os.path.join(run_dir, "elapsed.json")
-        if not os.path.exists(path):
-            return {}
-        with open(path, encoding="utf-8") as f:
-            return {int(step): seconds for step, seconds in json.load(f).items()}
+        run = RunDir.wrap(run_dir)
+        noted = run.read_json(run.elapsed_file) or {}
+        return {int(step): seconds for step, seconds in noted.items()}
 
     @staticmethod
     def noted_seconds(run_dir):
@@ -291,7 +294,7 @@ class TrainingClock(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = self.clock()
         self.base = None
-        self.noted = self.read_noted(os.path.dirname(self.path))
+        self.noted = self.read_noted(self.run)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.base is None:
@@ -398,14 +401,3 @@ def _write_atomically(path, text):
     os.replace(tmp, path)
 
 
-def find_model(run_dir):
-    """The model file of a run: `model.keras` when it finished, else the last checkpoint.
-
-    Raises:
-        FileNotFoundError: naming the run directory when it holds neither.
-    """
-    for name in ("model.keras", os.path.join("checkpoints", "last.keras")):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"{run_dir}: no model.keras or checkpoints/last.keras")

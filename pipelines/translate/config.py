@@ -22,9 +22,8 @@ deterministically into train/valid/test by `split`).
 
 import dataclasses
 
-from keras_moe.pipelines.config import PresetOverrides
-from keras_moe.pipelines.lm import config as lm_config
-from keras_moe.pipelines.lm.config import _positive
+from keras_moe.pipelines.config import check_positive
+from keras_moe.pipelines.training import config as training_config
 
 GETTEXT_ROOT = "/usr/share/locale"
 _KINDS = ("source", "tsv", "tfds", "gettext")
@@ -62,7 +61,7 @@ class CorpusConfig:
                 f"Received: split={self.split!r}"
             )
         for name in ("source_column", "target_column"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            check_positive(name, getattr(self, name), allow_zero=True)
 
     def describe(self):
         """A short human-readable name of the part (for messages and results)."""
@@ -108,8 +107,8 @@ class DataConfig:
     def __post_init__(self):
         for name in ("vocab_max_pairs", "vocab_max_words", "vocab_iterations", "max_length", "max_pieces", "batch_tokens",
                      "shuffle_buffer", "eval_batch_size"):
-            _positive(name, getattr(self, name))
-        _positive("valid_bleu_sentences", self.valid_bleu_sentences, allow_zero=True)
+            check_positive(name, getattr(self, name))
+        check_positive("valid_bleu_sentences", self.valid_bleu_sentences, allow_zero=True)
         if self.vocab_size < 4:
             raise ValueError(f"`vocab_size` must be >= 4. Received: vocab_size={self.vocab_size}")
         if self.max_ratio is not None and self.max_ratio < 1:
@@ -124,41 +123,28 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig(PresetOverrides):
+class ModelConfig(training_config.MoEModelConfig):
     """A preset of `keras_moe.models.translation_presets` and overrides of its arguments.
 
-    Every key left at None keeps the preset's value.
+    The MoE keys are `MoEModelConfig`'s; every key left at None keeps the
+    preset's value.
     """
 
     preset: str = "cpu-gnmt-moe-16"
-    model_dim: int | None = None
     lstm_units: int | None = None
     lstm_projection: int | None = None
     bidirectional_encoder: bool | None = None
     middle_block: str | None = None
-    num_experts: int | None = None
-    expert_hidden_dim: int | None = None
-    k: int | None = None
-    num_groups: int | None = None
-    gating: str | None = None
-    importance_weight: float | None = None
-    load_weight: float | None = None
-    capacity_factor: float | None = None
-    ffn_hidden_dim: int | None = None
     attention: str | None = None
     attention_units: int | None = None
     upper_context: bool | None = None
-    dropout: float | None = None
-    moe_activation: str | None = None
-    moe_output_scale: float | None = None
-    expert_dropout: float | None = None
 
 
 @dataclasses.dataclass
-class TrainConfig(lm_config.TrainConfig):
+class TrainConfig(training_config.TrainConfig):
     """Optimiser, schedule, length of the run, early stopping and checkpoints.
 
-    The language-model training keys (`keras_moe.pipelines.lm.config`) with
+    The training keys every pipeline shares (`keras_moe.pipelines.training.config`) with
     App. E's defaults: the learning rate rises linearly for `warmup_steps`,
     stays constant for `hold_steps`, then falls proportionally to
     `1/sqrt(step)`. Every `steps_per_eval` steps (one Keras epoch) the
@@ -176,9 +162,9 @@ class TrainConfig(lm_config.TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("keep_checkpoints", self.keep_checkpoints)
+        check_positive("keep_checkpoints", self.keep_checkpoints)
         for name in ("hold_steps", "early_stopping_patience"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            check_positive(name, getattr(self, name), allow_zero=True)
 
 
 @dataclasses.dataclass
@@ -201,9 +187,9 @@ class DecodeConfig:
 
     def __post_init__(self):
         for name in ("beam_width", "max_length_ratio", "valid_beam_width"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("alpha", "beta", "min_extra", "average_checkpoints"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            check_positive(name, getattr(self, name), allow_zero=True)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from keras_moe.pipelines.data import corpora, parallel_corpora
+from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.pipelines.translate.config import (
     CorpusConfig,
@@ -179,8 +180,9 @@ def demo_config(config, train, valid, test):
 def run_translate_demo(config):
     """Prepare the data, train, evaluate and print the report; returns the results dict."""
     started = time.time()
-    data_dir = os.path.join(config.run_dir, "data")
-    if os.path.exists(os.path.join(config.run_dir, "model.keras")):
+    run = RunDir(config.run_dir)
+    data_dir = run.demo_data_dir
+    if run.is_finished():
         raise ValueError(f"{config.run_dir}: holds a finished run; choose another --run-dir")
     if config.tfds:
         *parts, source = _tfds_parts(config)
@@ -214,7 +216,7 @@ def _report(config, run_config, results, seconds):
         print(f"  token share per expert, busiest first: {busiest}")
     print(f"hypotheses: {test['hypotheses_file']}")
     print(f"run directory: {config.run_dir} "
-          f"(TensorBoard: tensorboard --logdir {os.path.join(config.run_dir, 'tensorboard')})")
+          f"(TensorBoard: tensorboard --logdir {RunDir(config.run_dir).tensorboard_dir})")
     print(f"wall time {seconds:.0f} s")
 
 

@@ -16,10 +16,8 @@ during training, for the final scores, and by `evaluate`, `run` and
   `averaged_model`: the last N step checkpoints and their average.
 """
 
-import glob
 import math
 import os
-import re
 
 import keras
 import numpy as np
@@ -27,7 +25,8 @@ import tensorflow as tf
 
 import keras_moe
 from keras_moe.models.decoding import beam_search, greedy_decode
-from keras_moe.pipelines.training import distribution
+from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training.rundir import RunDir, step_checkpoint, step_checkpoints
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
 from keras_moe.statistics import RoutingStatistics
@@ -36,7 +35,6 @@ CONVENTION = (
     "perplexity per target WordPiece token: exp(total negative log-likelihood / tokens), "
     "every piece of every reference sentence and its <eos> counted, teacher forcing"
 )
-_STEP_FILE = re.compile(r"step-(\d+)\.weights\.h5$")
 
 
 def translate_ids(model, source_rows, decode_config, batch_size, beam_width=None):
@@ -115,7 +113,7 @@ def evaluate_pairs(model, vocab, pairs, batch_size=64, routing=False):
     return result
 
 
-class ValidationScores(keras.callbacks.Callback):
+class ValidationScores(trainer.Validation):
     """Adds `val_loss`, `val_perplexity`, `val_bleu` and `val_chrf` to the epoch logs.
 
     BLEU is sacreBLEU on detokenized output of the first `bleu_sentences`
@@ -134,23 +132,17 @@ class ValidationScores(keras.callbacks.Callback):
         self.target_language = target_language
         self.last_signature = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is None:
-            return
-        # An expert-parallel model is evaluated through its one-device copy.
-        model = distribution.evaluation_model(self.model)
+    def validate(self, model):
         result = evaluate_pairs(model, self.vocab, self.pairs, self.batch_size)
-        logs["val_loss"] = result["loss"]
-        logs["val_perplexity"] = result["perplexity"]
         hypotheses = translate_lines(
             model, self.vocab, [s for s, _ in self.bleu_pairs], self.decode_config,
             self.batch_size, self.beam_width,
         )
         scores = scoring.score(hypotheses, [[t for _, t in self.bleu_pairs]],
                                target_language=self.target_language)
-        logs["val_bleu"] = scores["bleu"]
-        logs["val_chrf"] = scores["chrf"]
         self.last_signature = scores["bleu_signature"]
+        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"],
+                "val_bleu": scores["bleu"], "val_chrf": scores["chrf"]}
 
 
 class KeepLastCheckpoints(keras.callbacks.Callback):
@@ -163,16 +155,9 @@ class KeepLastCheckpoints(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        self.model.save_weights(os.path.join(self.directory, f"step-{step:08d}.weights.h5"))
+        self.model.save_weights(step_checkpoint(self.directory, step))
         for path in step_checkpoints(self.directory)[: -self.keep]:
             os.remove(path)
-
-
-def step_checkpoints(directory):
-    """The `step-N.weights.h5` files of `directory`, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(directory, "step-*.weights.h5"))
-             if _STEP_FILE.search(p)]
-    return sorted(paths, key=lambda p: int(_STEP_FILE.search(p).group(1)))
 
 
 def average_checkpoints(model, paths):
@@ -217,7 +202,7 @@ def averaged_model(model, run_dir, average):
     """`model`, or a copy holding the average of the last `average` step checkpoints."""
     if not average or average < 2:
         return model
-    paths = step_checkpoints(os.path.join(run_dir, "checkpoints"))[-average:]
+    paths = RunDir.wrap(run_dir).step_checkpoints()[-average:]
     if len(paths) < 2:
         return model
     copy = keras.models.clone_model(model)

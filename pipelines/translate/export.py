@@ -142,7 +142,7 @@ def export_translator(model, vocabulary, export_dir, *, beam_width=4, alpha=0.6,
     }
     # The vocabulary's own tokenizer (FastWordpieceTokenizer, or its
     # fallback), so that the graph's pieces are `encode_lines`'s.
-    tokenizer, tokenizer_name = vocabulary._build_tokenizer()
+    tokenizer, tokenizer_name = vocabulary.build_tokenizer()
     graph = _TranslatorGraph(model, tokenizer, vocabulary.tokens, settings)
     archive = keras.export.ExportArchive()
     archive.track(model)

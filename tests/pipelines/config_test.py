@@ -505,3 +505,40 @@ def test_model_overrides_are_the_keys_that_are_set():
 def test_model_overrides_from_a_file(tmp_path):
     path = write(tmp_path, "model:\n  preset: cpu-moe-32\n  num_experts: 8\n  dropout: 0.1\n")
     assert load_config(LMConfig, path).model.overrides() == {"num_experts": 8, "dropout": 0.1}
+
+
+# ---------------------------------------------------------------------------
+# check_positive and the shared sections
+
+
+@pytest.mark.parametrize("value, allow_zero, message", [
+    (0, False, "`steps` must be > 0. Received: steps=0"),
+    (-1, True, "`steps` must be >= 0. Received: steps=-1"),
+    (-0.5, False, "`steps` must be > 0. Received: steps=-0.5"),
+])
+def test_check_positive_names_the_key_and_the_value(value, allow_zero, message):
+    from keras_moe.pipelines.config import check_positive
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_positive("steps", value, allow_zero=allow_zero)
+
+
+@pytest.mark.parametrize("value, allow_zero", [(1, False), (0.1, False), (0, True), (None, False)])
+def test_check_positive_passes(value, allow_zero):
+    from keras_moe.pipelines.config import check_positive
+
+    assert check_positive("steps", value, allow_zero=allow_zero) is None
+
+
+def test_both_pipelines_share_the_train_section_and_the_moe_model_keys():
+    from keras_moe.pipelines.training import config as training_config
+    from keras_moe.pipelines.translate import config as translate_config
+
+    assert TrainConfig is training_config.TrainConfig
+    assert issubclass(translate_config.TrainConfig, training_config.TrainConfig)
+    shared = {f.name for f in dataclasses.fields(training_config.MoEModelConfig)}
+    for model in (ModelConfig, translate_config.ModelConfig):
+        assert issubclass(model, training_config.MoEModelConfig)
+        assert shared <= {f.name for f in dataclasses.fields(model)}
+    assert ModelConfig().preset == "cpu-moe-32"
+    assert translate_config.ModelConfig().preset == "cpu-gnmt-moe-16"

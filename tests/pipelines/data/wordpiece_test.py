@@ -16,9 +16,9 @@ from keras_moe.pipelines.data import lm_corpora, wordpiece
 from keras_moe.pipelines.data.vocabulary import (
     WordVocabulary,
     check_vocabulary_matches,
-    load_vocabulary,
 )
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
+from keras_moe.pipelines.training.rundir import RunDir
 from tests.conftest import require_shared_data
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
@@ -250,7 +250,7 @@ def test_save_load_round_trip(tmp_path, vocab):
     assert loaded == vocab and len(loaded) == len(vocab)
     assert WordPieceVocabulary.load(path) == vocab  # the file itself also works
     assert loaded.encode_lines(CORPUS[:20]) == vocab.encode_lines(CORPUS[:20])
-    assert load_vocabulary(str(run_dir)) == vocab
+    assert RunDir(str(run_dir)).load_vocabulary() == vocab
 
 
 def test_load_errors_name_the_file(tmp_path):
@@ -291,7 +291,7 @@ def test_word_vocabulary_save_to_and_load_vocabulary(tmp_path):
     words = WordVocabulary(SPECIALS + ["Größe", "é"])
     path = words.save_to(str(tmp_path / "run"))
     assert path == str(tmp_path / "run" / "vocab.json")
-    loaded = load_vocabulary(str(tmp_path / "run"))
+    loaded = RunDir(str(tmp_path / "run")).load_vocabulary()
     assert isinstance(loaded, WordVocabulary) and loaded == words
 
 
@@ -307,11 +307,11 @@ def test_word_vocabulary_load_errors_name_the_file(tmp_path):
 
 def test_load_vocabulary_needs_exactly_one_file(tmp_path, vocab):
     with pytest.raises(FileNotFoundError, match=re.escape(f"no vocabulary in {tmp_path}")):
-        load_vocabulary(str(tmp_path))
+        RunDir(str(tmp_path)).load_vocabulary()
     vocab.save(str(tmp_path))
     WordVocabulary(SPECIALS).save_to(str(tmp_path))
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: holds both")):
-        load_vocabulary(str(tmp_path))
+        RunDir(str(tmp_path)).load_vocabulary()
 
 
 def test_check_vocabulary_matches(vocab):

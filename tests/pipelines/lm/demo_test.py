@@ -22,8 +22,9 @@ import pytest
 from numpy.testing import assert_allclose
 
 from keras_moe.pipelines.data import corpora
-from keras_moe.pipelines.data.vocabulary import WordVocabulary, stream_windows
+from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.lm.demo import DemoConfig, choose_tokenizer, expert_load_table, run_demo
+from keras_moe.pipelines.lm.inputs import stream_arrays
 from tests.conftest import REPO_ROOT, require_shared_data
 
 TINY = dict(
@@ -173,7 +174,7 @@ def test_saved_model_reproduces_the_reported_results(demo_run, text_file):
     _, valid, test = corpora.split_deterministic(corpora.read_lines(str(text_file)))
 
     def windows(lines):
-        return stream_windows([vocab.encode(line.split()) for line in lines], config.seq_len)
+        return stream_arrays([vocab.encode(line.split()) for line in lines], config.seq_len)
 
     # Validation perplexity recomputed with a NumPy log-softmax.
     x, y, w = windows(valid)
@@ -270,7 +271,7 @@ def test_ptb_valid_counts():
     vocab = WordVocabulary.build([line.split() for line in lines])
     ids = [vocab.encode(line.split()) for line in lines]
     assert sum(len(i) for i in ids) == PTB_WORDS + PTB_LINES == 73760
-    _, _, weights = stream_windows(ids, 35)
+    _, _, weights = stream_arrays(ids, 35)
     assert weights.sum() == 73760 - 1
 
 

@@ -1,0 +1,114 @@
+"""The configuration keys every training pipeline shares.
+
+A run configuration (`LMConfig`, `TranslateConfig`) is a tree of typed
+dataclasses (`keras_moe.pipelines.config`). Two of its sections are mostly
+the same in both pipelines and live here once:
+
+- `TrainConfig`: the `train` section (optimiser, schedule, length of the
+  run, logging, `tf.distribute` strategy). The language models use it as
+  it is (App. C.1's schedule); the translation models subclass it with
+  App. E's defaults and their own keys (`hold_steps`, early stopping,
+  checkpoints kept for averaging).
+- `MoEModelConfig`: the `model` keys of the MoE and feed-forward blocks
+  that both model families take (`num_experts`, `k`, `gating`, the
+  balancing weights, dropout ...); each pipeline's `ModelConfig` adds its
+  own architecture keys and its default preset.
+"""
+
+import dataclasses
+
+from keras_moe.pipelines.config import PresetOverrides, check_positive
+
+# `train.strategy` values (see `keras_moe.pipelines.training.distribution`).
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+def check_train_keys(strategy, expert_parallel):
+    """ValueError naming the key unless `train.strategy` / `train.expert_parallel` are valid.
+
+    Example:
+
+    >>> check_train_keys("mirrored", True)
+    >>> check_train_keys("default", True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `expert_parallel` (--expert-parallel) needs strategy 'mirrored'. Received: expert_parallel=True, strategy='default'
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"`strategy` must be one of {', '.join(map(repr, STRATEGIES))}. "
+            f"Received: strategy={strategy!r}"
+        )
+    if not isinstance(expert_parallel, bool):
+        raise ValueError(
+            f"`expert_parallel` must be true or false. Received: expert_parallel={expert_parallel!r}"
+        )
+    if expert_parallel and strategy != "mirrored":
+        raise ValueError(
+            "`expert_parallel` (--expert-parallel) needs strategy 'mirrored'. "
+            f"Received: expert_parallel=True, strategy={strategy!r}"
+        )
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimiser, schedule, length of the run and what is logged.
+
+    The learning rate follows the paper (App. C.1): it rises linearly for
+    `warmup_steps` steps, then decays proportionally to `1/sqrt(step)`
+    (`decay: inverse_sqrt`), or stays constant (`decay: constant`).
+    """
+
+    steps: int = 2000
+    steps_per_eval: int = 200  # one Keras epoch: validation, checkpoint, backup
+    learning_rate: float = 0.002
+    warmup_steps: int = 1000
+    decay: str = "inverse_sqrt"
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    clipnorm: float | None = 1.0
+    seed: int = 1
+    monitor_every_n_steps: int = 50  # routing histograms and bar charts
+    time_limit_minutes: float | None = None  # stop after this much wall time
+    verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 a line per epoch
+    strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
+    expert_parallel: bool = False  # mirrored only: E / replicas experts per replica
+
+    def __post_init__(self):
+        check_train_keys(self.strategy, self.expert_parallel)
+        for name in ("steps", "steps_per_eval", "learning_rate", "monitor_every_n_steps"):
+            check_positive(name, getattr(self, name))
+        for name in ("warmup_steps", "epsilon", "clipnorm", "time_limit_minutes"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        if self.decay not in ("inverse_sqrt", "constant"):
+            raise ValueError(
+                f"`decay` must be 'inverse_sqrt' or 'constant'. Received: decay={self.decay!r}"
+            )
+        if self.verbose not in (0, 1, 2):
+            raise ValueError(f"`verbose` must be 0, 1 or 2. Received: verbose={self.verbose!r}")
+
+
+@dataclasses.dataclass
+class MoEModelConfig(PresetOverrides):
+    """A model preset and the overrides of its MoE / feed-forward block arguments.
+
+    Every key left at None keeps the preset's value. Subclasses set the
+    default `preset` and add their architecture's keys.
+    """
+
+    preset: str = ""
+    model_dim: int | None = None
+    num_experts: int | None = None
+    expert_hidden_dim: int | None = None
+    k: int | None = None
+    num_groups: int | None = None
+    gating: str | None = None
+    importance_weight: float | None = None
+    load_weight: float | None = None
+    capacity_factor: float | None = None
+    ffn_hidden_dim: int | None = None
+    dropout: float | None = None
+    moe_activation: str | None = None
+    moe_output_scale: float | None = None
+    expert_dropout: float | None = None
