@@ -30,6 +30,8 @@ import shutil
 import keras
 import tensorflow as tf
 
+from keras_moe.pipelines.training.rundir import RunDir
+
 WEIGHTS = "latest.weights.h5"
 METADATA = "training_metadata.json"
 # Written first, then moved over the backup (see `RunBackup.save`).
@@ -39,7 +41,7 @@ PARTIAL_METADATA = METADATA + ".partial"
 
 def backup_dir(run_dir):
     """`run_dir/backup`, where the run's backup lives."""
-    return os.path.join(run_dir, "backup")
+    return RunDir.wrap(run_dir).backup_dir
 
 
 def _paths(run_dir):

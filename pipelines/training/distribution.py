@@ -38,8 +38,9 @@ import tensorflow as tf
 from keras_moe import expert_parallel as ep
 from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.monitoring import find_moe_layers
-from keras_moe.pipelines.lm.config import check_train_keys
 from keras_moe.pipelines.training import multi_worker
+from keras_moe.pipelines.training.config import check_train_keys
+from keras_moe.pipelines.training.rundir import RunDir
 
 
 def split_cpu(count):
@@ -310,7 +311,8 @@ def train_multi_worker(config, run_dir, strategy, build, make_dataset, batch_key
     def dataset_fn(context):
         return multi_worker_dataset(make_dataset, config.data, context, batch_keys)
 
-    on_log = LossLogger(os.path.join(run_dir, "tensorboard", "train")) if chief else None
+    run = RunDir.wrap(run_dir)
+    on_log = LossLogger(run.tensorboard_train_dir) if chief else None
     start = time.time()
     history = multi_worker.train(
         model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -323,7 +325,7 @@ def train_multi_worker(config, run_dir, strategy, build, make_dataset, batch_key
     if not chief:
         # What a non-chief worker returns (it writes no results.json).
         return model, {"chief": False, "task": task_id(strategy), "steps": steps}
-    model.save(os.path.join(run_dir, "model.keras"))
+    model.save(run.model_file)
     start_step = history.pop("start_step")
     return model, {
         "preset": config.model.preset,
@@ -339,4 +341,4 @@ def train_multi_worker(config, run_dir, strategy, build, make_dataset, batch_key
 
 def checkpoint_dir(run_dir):
     """Where `multi_worker.train` keeps its checkpoints (shared by every worker)."""
-    return os.path.join(run_dir, "checkpoints", "multi_worker")
+    return RunDir.wrap(run_dir).multi_worker_checkpoints_dir

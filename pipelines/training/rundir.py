@@ -160,6 +160,17 @@ class RunDir(os.PathLike):
         return self.join("backup")
 
     @property
+    def multi_worker_checkpoints_dir(self):
+        """`checkpoints/multi_worker`: the multi-worker loop's checkpoints, shared by the workers."""
+        return self.join("checkpoints", "multi_worker")
+
+    def finished_copy(self, path, steps):
+        """`model-step-N.keras` beside `model.keras` (likewise for results.json): a
+        finished run's files kept when it is continued."""
+        stem, ext = os.path.splitext(os.path.basename(path))
+        return self.join(f"{stem}-step-{steps}{ext}")
+
+    @property
     def checkpoints_dir(self):
         return self.join("checkpoints")
 

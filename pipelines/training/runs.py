@@ -171,7 +171,7 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
         shuffle=False,  # the dataset shuffles itself
     )
     train_seconds = time.time() - start
-    model.save(os.path.join(run_dir, "model.keras"))
+    model.save(RunDir.wrap(run_dir).model_file)
     # Only now: a kill before model.keras is whole still finds the backup.
     remove_backup(run_dir)
     clocks = [c for c in callbacks if isinstance(c, TrainingClock)]
@@ -207,8 +207,8 @@ def extend_finished_run(config, run_dir):
             the finished run or its time limit would stop it at once;
             nothing is changed then.
     """
-    path = os.path.join(run_dir, "config.yaml")
-    finished = os.path.join(run_dir, "model.keras")
+    run = RunDir.wrap(run_dir)
+    path, finished = run.config_file, run.model_file
     saved = config_lib.load_config(type(config), path)
     old, new = _comparable(saved), _comparable(config)
     old_steps, new_steps = old["train"].pop("steps"), new["train"].pop("steps")
@@ -235,10 +235,9 @@ def extend_finished_run(config, run_dir):
     write_backup(model, run_dir, config.train.steps_per_eval)
     config_lib.save_config(config, path)
     # Last: until model.keras is renamed, running the command again redoes the above.
-    for name in ("results.json", "model.keras"):
-        if os.path.exists(os.path.join(run_dir, name)):
-            stem, ext = os.path.splitext(name)
-            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, f"{stem}-step-{steps}{ext}"))
+    for kept in (run.results_file, run.model_file):
+        if os.path.exists(kept):
+            os.replace(kept, run.finished_copy(kept, steps))
 
 
 class TrainingClock(keras.callbacks.Callback):
