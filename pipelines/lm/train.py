@@ -10,7 +10,7 @@ run_dir/vocab.json           the vocabulary (or wordpiece.txt)
 run_dir/tensorboard/         loss, perplexity, learning rate, routing metrics
                              per MoE layer, routing histograms and bar charts
 run_dir/checkpoints/         last.keras (every evaluation) and best.keras
-run_dir/backup/              BackupAndRestore state: a killed run resumes here
+run_dir/backup/              the backup (training/backup.py): a killed run resumes here
 run_dir/history.csv          one row per evaluation
 run_dir/model.keras          the final model
 run_dir/results.json         final validation (and test) perplexity, wall time,

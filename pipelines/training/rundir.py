@@ -11,7 +11,7 @@ tensorboard/{train,validation}
 checkpoints/last.keras     every evaluation;  checkpoints/best.keras: the best one
 checkpoints/step-N.weights.h5   translation: the last evaluations, for averaging
 checkpoints/multi_worker/  the multi-worker loop's checkpoints
-backup/                    BackupAndRestore state: a killed run resumes here
+backup/                    the backup (weights and a JSON of the step): a killed run resumes here
 history.csv                one row per evaluation
 elapsed.json               the training time noted at every evaluation
 model.keras                the final model

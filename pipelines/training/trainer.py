@@ -81,7 +81,7 @@ class Task:
     def build_model(self, config, vocab_size):
         """The configured model, built (its weights created) but not compiled.
 
-        Built at once because `BackupAndRestore` restores weights into a
+        Built at once because `backup.RunBackup` restores weights into a
         built model only. Called inside the strategy's scope.
         """
         raise NotImplementedError
@@ -265,7 +265,7 @@ def train_multi_worker(task, config, run_dir, strategy):
     Checkpoints go to `run_dir/checkpoints/multi_worker` every
     `train.steps_per_eval` steps (shared by every worker); a killed run
     started again with the same command resumes from the last one. Not in
-    this path: validation during training, `BackupAndRestore`, the
+    this path: validation during training, `backup.RunBackup`, the
     `.keras` checkpoints, `history.csv`, `RoutingMonitor`, the task's extra
     callbacks and `train.time_limit_minutes`.
 

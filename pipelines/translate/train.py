@@ -12,7 +12,7 @@ run_dir/tensorboard/             loss, perplexity, BLEU, chrF, learning rate, ro
                                  metrics per MoE layer, routing histograms and bar charts
 run_dir/checkpoints/             last.keras, best.keras (by validation BLEU) and the
                                  last `keep_checkpoints` step-N.weights.h5 for averaging
-run_dir/backup/                  BackupAndRestore state: a killed run resumes here
+run_dir/backup/                  the backup (training/backup.py): a killed run resumes here
 run_dir/history.csv              one row per evaluation
 run_dir/model.keras              the final model
 run_dir/translations/            hypotheses of the final evaluation, one file per split
