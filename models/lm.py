@@ -284,7 +284,7 @@ class LanguageModel(keras.Model):
         """Keras's step, or with `num_sampled > 0` one on the sampled softmax loss."""
         if not self.num_sampled:
             return super().train_step(data)
-        if self._compile_metrics is not None:
+        if self.has_compiled_metrics:
             raise ValueError(
                 "compiled metrics need the full logits, which training with `num_sampled="
                 f"{self.num_sampled}` never computes; compile without `metrics` and "
@@ -315,6 +315,12 @@ class LanguageModel(keras.Model):
             logs.update({m.name: m.result() for m in layer.metrics})
         return logs
 
+
+    def compile(self, *args, metrics=None, weighted_metrics=None, **kwargs):
+        # Noted here for `train_step`, which must refuse compiled metrics in the
+        # sampled-softmax path (they need the full logits it never builds).
+        self.has_compiled_metrics = bool(metrics or weighted_metrics)
+        super().compile(*args, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs)
 
     def get_config(self):
         config = {

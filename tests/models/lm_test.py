@@ -272,3 +272,14 @@ def test_sampled_softmax_fit_logs_the_per_epoch_mean_loss_and_routing_metrics():
     full = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
     assert model.evaluate(x, y, batch_size=12, verbose=0, return_dict=True)["loss"] \
         == pytest.approx(float(full) + sum(float(v) for v in model.losses), rel=1e-4)
+
+
+def test_sampled_softmax_refuses_compiled_metrics_by_name():
+    # Metrics need the full logits, which the sampled step never builds.
+    model = LanguageModel(V, model_dim=D, num_experts=E, expert_hidden_dim=H, k=K, seed=3,
+                          num_sampled=5)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), weighted_metrics=["accuracy"])
+    x = np.ones((4, 7), "int32")
+    with pytest.raises(ValueError, match="num_sampled=5"):
+        model.fit(x, x, epochs=1, verbose=0)
