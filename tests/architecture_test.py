@@ -167,3 +167,55 @@ def test_the_checker_sees_private_uses(tmp_path):
     finally:
         REPO = saved
     assert found == ["sample.py:1 imports keras.src", "sample.py:3 ._flatten_layers"]
+
+
+def own_private_names(paths):
+    """`(used, defined)`: the `self._x`/`cls._x` names read, and those our code defines.
+
+    A name defined nowhere in our code (no `self._x = ...`, no `def _x`, no
+    class attribute `_x = ...`) comes from a Keras or TensorFlow base class:
+    using it is using that framework's private member.
+    """
+    used, defined = {}, set()
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in ("self", "cls") and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                if isinstance(node.ctx, ast.Store):
+                    defined.add(node.attr)
+                else:
+                    used.setdefault(node.attr, f"{path.relative_to(REPO)}:{node.lineno}")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                defined.add(node.target.id)
+    return used, defined
+
+
+def test_no_private_members_inherited_from_keras():
+    used, defined = own_private_names(modules().values())
+    inherited = sorted(f"{where} self.{name}" for name, where in used.items()
+                       if name not in defined)
+    assert inherited == []
+
+
+def test_the_inherited_member_check_sees_one(tmp_path):
+    path = tmp_path / "sample.py"
+    path.write_text(
+        "class M:\n"
+        "    def _mine(self):\n"
+        "        self._state = 1\n"
+        "        return self._state + self._loss_tracker.result()\n",
+        encoding="utf-8",
+    )
+    global REPO
+    saved, REPO = REPO, tmp_path
+    try:
+        used, defined = own_private_names([path])
+    finally:
+        REPO = saved
+    assert sorted(n for n in used if n not in defined) == ["_loss_tracker"]
