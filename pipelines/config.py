@@ -223,6 +223,20 @@ def check_positive(name, value, allow_zero=False):
         raise ValueError(f"`{name}` must be {bound}. Received: {name}={value!r}")
 
 
+# WordPiece learners (`data.vocab_learner`): TensorFlow Text's Python learner,
+# or HuggingFace's compiled one (`keras_moe.pipelines.data.wordpiece_learner`).
+VOCAB_LEARNERS = ("tensorflow_text", "tokenizers")
+
+
+def check_learner(value, name="vocab_learner"):
+    """ValueError naming `name` unless `value` is one of `VOCAB_LEARNERS`."""
+    if value not in VOCAB_LEARNERS:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, VOCAB_LEARNERS))}. "
+            f"Received: {name}={value!r}"
+        )
+
+
 class PresetOverrides:
     """Mixin of a `model` section: a `preset` name plus optional argument overrides."""
 

@@ -17,10 +17,14 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_moe.pipelines.config import VOCAB_LEARNERS, check_learner
+from keras_moe.pipelines.data import wordpiece_learner
 from keras_moe.pipelines.data.lm_corpora import count_words
 from keras_moe.pipelines.data.vocabulary import EOS, PAD, UNK
 
 FILENAME = "wordpiece.txt"
+# The learners `WordPieceVocabulary.learn` can use.
+LEARNERS = VOCAB_LEARNERS
 RESERVED = (PAD, UNK, EOS)
 JOINER = "##"
 # Lines read for learning. The 1B Word training shards are shuffled already,
@@ -77,7 +81,8 @@ class WordPieceVocabulary:
         self._tokenizer = None
 
     @classmethod
-    def learn(cls, lines, vocab_size, max_lines=DEFAULT_MAX_LINES, **learn_params):
+    def learn(cls, lines, vocab_size, max_lines=DEFAULT_MAX_LINES, learner="tensorflow_text",
+              **learn_params):
         """Learn a vocabulary of at most `vocab_size` tokens from text lines.
 
         Streams: only the first `max_lines` lines are read (a generator is
@@ -91,7 +96,11 @@ class WordPieceVocabulary:
                 its search overshoots, the rarest multi-character tokens
                 are dropped (never a reserved or single-character one).
             max_lines: cap on the lines sampled for learning.
-            **learn_params: passed to TensorFlow Text's
+            learner: `"tensorflow_text"` (TensorFlow Text's Python learner)
+                or `"tokenizers"` (HuggingFace's compiled learner, many
+                times faster on large text: `wordpiece_learner`). Either
+                way the vocabulary is applied with tensorflow-text.
+            **learn_params: passed to the learner: for TensorFlow Text's
                 `wordpiece_tokenizer_learner_lib.learn`, e.g.
                 `lower_thresh` (default 10: pieces seen fewer times are
                 never kept whole), `num_iterations`, `max_unique_chars`.
@@ -106,6 +115,7 @@ class WordPieceVocabulary:
         """
         from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib
 
+        check_learner(learner, "learner")
         if not isinstance(vocab_size, int) or vocab_size <= len(RESERVED):
             raise ValueError(
                 f"`vocab_size` must be an integer > 3. Received: vocab_size={vocab_size!r}"
@@ -114,6 +124,10 @@ class WordPieceVocabulary:
             raise ValueError(
                 f"`max_lines` must be an integer >= 1. Received: max_lines={max_lines!r}"
             )
+        if learner == "tokenizers":
+            tokens = wordpiece_learner.learn_tokens(
+                lines, vocab_size, RESERVED, max_lines=max_lines, **learn_params)
+            return cls(tokens)
         sample = itertools.islice(iter(lines), max_lines)
 
         def chunks():

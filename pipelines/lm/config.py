@@ -11,7 +11,7 @@ train:  {steps: 4000, steps_per_eval: 200, learning_rate: 0.002}
 
 import dataclasses
 
-from keras_moe.pipelines.config import check_positive
+from keras_moe.pipelines.config import check_learner, check_positive
 from keras_moe.pipelines.data.lm_corpora import FORMATS
 
 # The `train` section and the strategy names are every pipeline's (re-exported
@@ -43,6 +43,7 @@ class DataConfig:
     vocab_size: int = 10000
     min_count: int = 1
     vocab_max_lines: int = 2_000_000  # lines read to build the vocabulary
+    vocab_learner: str = "tensorflow_text"  # wordpiece: tensorflow_text | tokenizers (compiled)
     mode: str = "stream"  # stream: fixed windows over the text; sentences: one line per row
     seq_len: int = 35  # stream mode: window length
     batch_size: int = 64  # stream mode: windows per batch
@@ -63,6 +64,7 @@ class DataConfig:
                 "`vocabulary` must be 'word' or 'wordpiece'. "
                 f"Received: vocabulary={self.vocabulary!r}"
             )
+        check_learner(self.vocab_learner)
         if self.mode not in ("stream", "sentences"):
             raise ValueError(f"`mode` must be 'stream' or 'sentences'. Received: mode={self.mode!r}")
         if self.vocab_size < 4:

@@ -101,7 +101,7 @@ def build_vocabulary(config, run_dir):
     lines = lines_factory(c, "train")()
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
     if c.vocabulary == "wordpiece":
-        return WordPieceVocabulary.learn(limited, c.vocab_size)
+        return WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
     return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
 
 

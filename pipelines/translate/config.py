@@ -22,7 +22,7 @@ deterministically into train/valid/test by `split`).
 
 import dataclasses
 
-from keras_moe.pipelines.config import check_positive
+from keras_moe.pipelines.config import check_learner, check_positive
 from keras_moe.pipelines.training import config as training_config
 
 GETTEXT_ROOT = "/usr/share/locale"
@@ -95,7 +95,8 @@ class DataConfig:
     # The WordPiece learner's time grows with the distinct words it sees:
     # None learns from all of them; a number keeps only the most frequent.
     vocab_max_words: int | None = None
-    vocab_iterations: int = 4  # the learner's refinement passes
+    vocab_iterations: int = 4  # the learner's refinement passes (tensorflow_text)
+    vocab_learner: str = "tensorflow_text"  # tensorflow_text | tokenizers (compiled)
     max_length: int | None = 80  # words per side in training pairs
     max_ratio: float | None = 3.0  # longer side / shorter side, in words
     max_pieces: int = 128  # training pairs with more pieces on a side are skipped
@@ -109,6 +110,7 @@ class DataConfig:
                      "shuffle_buffer", "eval_batch_size"):
             check_positive(name, getattr(self, name))
         check_positive("valid_bleu_sentences", self.valid_bleu_sentences, allow_zero=True)
+        check_learner(self.vocab_learner)
         if self.vocab_size < 4:
             raise ValueError(f"`vocab_size` must be >= 4. Received: vocab_size={self.vocab_size}")
         if self.max_ratio is not None and self.max_ratio < 1:

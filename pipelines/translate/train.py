@@ -107,6 +107,9 @@ def build_vocabulary(config, run_dir):
     pairs = translate_input.pairs_factory(c, "train")()
     sample = (line for _, pair in zip(range(c.vocab_max_pairs), pairs, strict=False)
               for line in pair)
+    if c.vocab_learner == "tokenizers":
+        return WordPieceVocabulary.learn(
+            sample, c.vocab_size, max_lines=2 * c.vocab_max_pairs, learner="tokenizers")
     return WordPieceVocabulary.learn(
         sample, c.vocab_size, max_lines=2 * c.vocab_max_pairs, num_iterations=c.vocab_iterations,
         max_input_tokens=c.vocab_max_words or -1,

@@ -32,6 +32,9 @@ def tokens():
 
 def test_reserved_tokens_first_then_alphabet_and_pieces(tokens):
     assert tokens[:3] == ["<pad>", "<unk>", "<eos>"]
+    # The rest in a canonical order: the same file from every run.
+    assert tokens[3:] == sorted(tokens[3:])
+    assert learn_tokens(LINES, 60, RESERVED, progress=None) == tokens
     assert len(tokens) <= 60 and len(set(tokens)) == len(tokens)
     words = {w for line in LINES for w in line.split()}
     # Each character where it occurs: first in a word alone, later as "##c". So
@@ -96,3 +99,37 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_no_word_is_an_error():
     with pytest.raises(ValueError, match="no word"):
         learn_tokens(["", "   "], 50, RESERVED, progress=None)
+
+
+def test_wordpiece_vocabulary_learns_with_either_learner():
+    compiled = WordPieceVocabulary.learn(LINES, 60, learner="tokenizers", progress=None)
+    assert compiled.tokens == learn_tokens(LINES, 60, RESERVED, progress=None)
+    python = WordPieceVocabulary.learn(LINES, 60)  # the default: TensorFlow Text's learner
+    assert python.tokens[:3] == list(RESERVED) and len(python) <= 60
+    with pytest.raises(ValueError, match="learner"):
+        WordPieceVocabulary.learn(LINES, 60, learner="sentencepiece")
+
+
+def test_config_key_chooses_the_learner_and_refuses_others():
+    from keras_moe.pipelines.lm.config import DataConfig
+    from keras_moe.pipelines.translate.config import DataConfig as PairsConfig
+
+    assert DataConfig(vocab_learner="tokenizers").vocab_learner == "tokenizers"
+    assert PairsConfig().vocab_learner == "tensorflow_text"
+    for make in (DataConfig, PairsConfig):
+        with pytest.raises(ValueError, match="vocab_learner"):
+            make(vocab_learner="bpe")
+
+
+def test_the_lm_pipeline_learns_its_vocabulary_with_the_chosen_learner(tmp_path):
+    from keras_moe.pipelines.config import load_config
+    from keras_moe.pipelines.lm import train as lm_train
+    from keras_moe.pipelines.lm.config import LMConfig
+
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    config = load_config(LMConfig, None, [
+        f"data.train={corpus}", f"data.valid={corpus}", "data.vocabulary=wordpiece",
+        "data.vocab_size=60", "data.vocab_learner=tokenizers"])
+    vocab = lm_train.build_vocabulary(config, None)
+    assert vocab.tokens == learn_tokens(LINES, 60, RESERVED, progress=None)
