@@ -66,6 +66,15 @@ def _array(dtype, size, element_shape):
     )
 
 
+def _rows_array(dtype, size, width):
+    """A TensorArray of `size` row blocks `[n_i, width]`, and one empty block last.
+
+    The empty block keeps `concat` defined when there are no groups at all
+    (an eager TensorArray cannot concatenate nothing).
+    """
+    return _array(dtype, size + 1, [None, width]).write(size, tf.zeros([0, width], dtype))
+
+
 def _forward(rows, counts, weights):
     starts, nonempty = _segments(counts)
     out_dim = weights.shape[-1]
@@ -77,7 +86,7 @@ def _forward(rows, counts, weights):
         return (out.write(i, tf.matmul(part, tf.gather(weights, g))),)
 
     size = tf.size(nonempty)
-    (out,) = _loop(size, body, (_array(rows.dtype, size, [None, out_dim]),))
+    (out,) = _loop(size, body, (_rows_array(rows.dtype, size, out_dim),))
     # The non-empty groups in increasing order: exactly the sorted rows.
     return out.concat()
 
@@ -102,7 +111,7 @@ def _backward(rows, counts, weights, grad):
     grad_rows, grad_weights = _loop(
         size, body,
         (
-            _array(rows.dtype, size, [None, in_dim]),
+            _rows_array(rows.dtype, size, in_dim),
             # One element per group; the groups no row reached stay zero.
             _array(weights.dtype, num_groups, [in_dim, out_dim]),
         ),
