@@ -42,9 +42,18 @@ def sort_by_group(group_index, num_groups):
 
 
 def _segments(counts):
+    """`(groups, begins, sizes)` of the non-empty groups, in increasing order.
+
+    `begins[i]`, `sizes[i]` are the `tf.slice` arguments of group
+    `groups[i]`'s rows, worked out once outside the loop so that each
+    iteration reads them instead of computing them.
+    """
     starts = tf.cumsum(counts, exclusive=True)
-    nonempty = tf.cast(tf.reshape(tf.where(counts > 0), [-1]), tf.int32)
-    return starts, nonempty
+    groups = tf.cast(tf.reshape(tf.where(counts > 0), [-1]), tf.int32)
+    zeros = tf.zeros_like(groups)
+    begins = tf.stack([tf.gather(starts, groups), zeros], axis=1)
+    sizes = tf.stack([tf.gather(counts, groups), zeros - 1], axis=1)
+    return groups, begins, sizes
 
 
 def _loop(num_iterations, body, arrays):
@@ -76,38 +85,37 @@ def _rows_array(dtype, size, width):
 
 
 def _forward(rows, counts, weights):
-    starts, nonempty = _segments(counts)
+    groups, begins, sizes = _segments(counts)
     out_dim = weights.shape[-1]
 
     def body(i, arrays):
         (out,) = arrays
-        g = nonempty[i]
-        part = tf.slice(rows, [starts[g], 0], [counts[g], -1])
-        return (out.write(i, tf.matmul(part, tf.gather(weights, g))),)
+        part = tf.slice(rows, begins[i], sizes[i])
+        return (out.write(i, tf.matmul(part, tf.gather(weights, groups[i]))),)
 
-    size = tf.size(nonempty)
+    size = tf.size(groups)
     (out,) = _loop(size, body, (_rows_array(rows.dtype, size, out_dim),))
     # The non-empty groups in increasing order: exactly the sorted rows.
     return out.concat()
 
 
 def _backward(rows, counts, weights, grad):
-    starts, nonempty = _segments(counts)
+    groups, begins, sizes = _segments(counts)
     num_groups = tf.shape(weights)[0]
     in_dim, out_dim = weights.shape[-2], weights.shape[-1]
 
     def body(i, arrays):
         grad_rows, grad_weights = arrays
-        g = nonempty[i]
-        part = tf.slice(rows, [starts[g], 0], [counts[g], -1])
-        part_grad = tf.slice(grad, [starts[g], 0], [counts[g], -1])
+        g = groups[i]
+        part = tf.slice(rows, begins[i], sizes[i])
+        part_grad = tf.slice(grad, begins[i], sizes[i])
         grad_rows = grad_rows.write(
             i, tf.matmul(part_grad, tf.gather(weights, g), transpose_b=True)
         )
         grad_weights = grad_weights.write(g, tf.matmul(part, part_grad, transpose_a=True))
         return grad_rows, grad_weights
 
-    size = tf.size(nonempty)
+    size = tf.size(groups)
     grad_rows, grad_weights = _loop(
         size, body,
         (
