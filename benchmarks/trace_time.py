@@ -10,7 +10,10 @@ that does not finish in time is reported as `not finished`.
 
 Usage:
     python benchmarks/trace_time.py [--experts 256 1024 4096] [--limit 300]
-        [--out benchmarks/results/trace_time.json]
+        [--layers hier flat] [--out benchmarks/results/trace_time.json]
+
+`--layers flat` uses flat `MoE(E, k=4)` layers instead: their gating has
+no per-group loop, so only the dispatch depends on `E`.
 
 Prints a table and writes JSON.
 """
@@ -30,7 +33,7 @@ D = H = 16
 BATCH = 1024
 
 
-def run_case(num_experts, strategy):
+def run_case(num_experts, strategy, layer="hier"):
     """One case in this process: `(first step s, next step s)`."""
     import keras
     import numpy as np
@@ -43,11 +46,13 @@ def run_case(num_experts, strategy):
     groups = math.isqrt(num_experts)
     assert groups * groups == num_experts, num_experts
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((D,)),
-        keras_moe.HierarchicalMoE(groups, groups, H, seed=1),
-        keras_moe.HierarchicalMoE(groups, groups, H, seed=2),
-    ])
+    if layer == "hier":
+        layers = [keras_moe.HierarchicalMoE(groups, groups, H, seed=s) for s in (1, 2)]
+    else:
+        # Flat MoE, k = 4 (as 2 + 2): no per-group loop in the gating, so
+        # the dispatch's own share of the trace time shows.
+        layers = [keras_moe.MoE(num_experts, H, k=4, seed=s) for s in (1, 2)]
+    model = keras.Sequential([keras.Input((D,)), *layers])
     model.compile(optimizer="adam", loss="mse")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(BATCH, D)).astype("float32")
@@ -60,9 +65,9 @@ def run_case(num_experts, strategy):
     return times
 
 
-def run_limited(num_experts, strategy, limit):
+def run_limited(num_experts, strategy, limit, layer="hier"):
     """A case in a child process, killed after `limit` seconds."""
-    command = [sys.executable, __file__, "--case", str(num_experts), strategy]
+    command = [sys.executable, __file__, "--case", str(num_experts), strategy, layer]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
@@ -79,10 +84,10 @@ def fmt(row, key):
 
 
 def print_table(rows, limit):
-    print(f"{'E':>5} {'strategy':9} {'first s':>9} {'next s':>9}")
+    print(f"{'layer':5} {'E':>5} {'strategy':9} {'first s':>9} {'next s':>9}")
     for r in rows:
         print(
-            f"{r['num_experts']:>5} {r['strategy']:9} {fmt(r, 'first_step_s')} "
+            f"{r['layer']:5} {r['num_experts']:>5} {r['strategy']:9} {fmt(r, 'first_step_s')} "
             f"{fmt(r, 'next_step_s')}"
             + ("" if r["finished"] else f"   (not finished within {limit} s)"),
             flush=True,
@@ -95,18 +100,26 @@ def main(argv=None):
     parser.add_argument("--strategies", nargs="+", default=["loop", "unrolled"])
     parser.add_argument("--limit", type=float, default=300.0, help="seconds per case")
     parser.add_argument("--out", default="benchmarks/results/trace_time.json")
-    parser.add_argument("--case", nargs=2, metavar=("E", "STRATEGY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--layers", nargs="+", choices=["hier", "flat"], default=["hier"],
+        help="HierarchicalMoE (g x g experts) and/or flat MoE (k=4) layers",
+    )
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(int(args.case[0]), args.case[1])))
+        print(json.dumps(run_case(int(args.case[0]), args.case[1], args.case[2])))
         return None
     rows = []
-    for strategy in args.strategies:
-        for num_experts in args.experts:
-            row = dict(num_experts=num_experts, strategy=strategy, d=D, h=H, batch=BATCH)
-            row.update(run_limited(num_experts, strategy, args.limit))
-            rows.append(row)
-            print_table(rows[-1:], args.limit)
+    for layer in args.layers:
+        for strategy in args.strategies:
+            for num_experts in args.experts:
+                row = dict(
+                    layer=layer, num_experts=num_experts, strategy=strategy, d=D, h=H,
+                    batch=BATCH,
+                )
+                row.update(run_limited(num_experts, strategy, args.limit, layer))
+                rows.append(row)
+                print_table(rows[-1:], args.limit)
     print()
     print_table(rows, args.limit)
     import keras
@@ -114,7 +127,10 @@ def main(argv=None):
 
     result = dict(
         benchmark="trace_time",
-        model="2 x HierarchicalMoE(g, g, h=16), k=2+2, d=16, dropless, Adam, mse",
+        models=dict(
+            hier="2 x HierarchicalMoE(g, g, h=16), E = g * g, k=2+2, d=16, dropless, Adam, mse",
+            flat="2 x MoE(E, h=16), k=4, d=16, dropless, Adam, mse",
+        ),
         batch=BATCH,
         limit_s=args.limit,
         machine=dict(
