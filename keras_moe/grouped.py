@@ -109,8 +109,11 @@ def _backward(rows, counts, weights, grad):
         g = groups[i]
         part = tf.slice(rows, begins[i], sizes[i])
         part_grad = tf.slice(grad, begins[i], sizes[i])
+        # (W_g @ grad^T)^T rather than grad @ W_g^T: the same product, but
+        # oneDNN's kernel for a few rows times a transposed weight matrix was
+        # measured 4x slower here (1024 experts of 16 rows, d=512, h=1024).
         grad_rows = grad_rows.write(
-            i, tf.matmul(part_grad, tf.gather(weights, g), transpose_b=True)
+            i, tf.transpose(tf.matmul(tf.gather(weights, g), part_grad, transpose_b=True))
         )
         grad_weights = grad_weights.write(g, tf.matmul(part, part_grad, transpose_a=True))
         return grad_rows, grad_weights
