@@ -777,3 +777,10 @@ def test_loop_path_graph_size_does_not_depend_on_the_number_of_experts():
         )
 
     assert dispatch_ops(8) == dispatch_ops(64)
+
+
+def test_grouped_docstring_example_runs():
+    import doctest
+
+    results = doctest.testmod(grouped, extraglobs=dict(vars(grouped)))
+    assert results.attempted >= 1 and results.failed == 0
