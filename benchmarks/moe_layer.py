@@ -219,6 +219,15 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/moe_layer.json")
     parser.add_argument("--only", choices=["flat", "hier"], default=None)
     parser.add_argument(
+        "--strategy", choices=["auto", "unrolled", "loop"], default="auto",
+        help="dropless strategy (keras_moe.dispatch.dropless_dispatch); auto chooses by E",
+    )
+    parser.add_argument(
+        "--cases", metavar="E,k,T", nargs="+",
+        help="flat cases to run instead of the grid, e.g. 4,2,8192 1024,2,8192",
+    )
+    parser.add_argument("--dims", metavar="d,h", help="expert sizes instead of 512,1024")
+    parser.add_argument(
         "--markdown", metavar="JSON", help="print the Markdown table of a results file and exit"
     )
     args = parser.parse_args(argv)
@@ -238,6 +247,15 @@ def main(argv=None):
         # gradient): more than this 24 GB machine; the hierarchical rows use
         # h=256 so the three sizes fit and compare with each other.
         hier = [(e, 2, 8192, 16) for e in (256, 1024, 4096)]
+    if args.strategy != "auto":
+        from keras_moe import dispatch
+
+        dispatch.LOOP_MIN_EXPERTS = 1 if args.strategy == "loop" else 10**9
+    if args.dims:
+        d, h = (int(v) for v in args.dims.split(","))
+    if args.cases:
+        flat = [tuple(int(v) for v in case.split(",")) for case in args.cases]
+        args.only = "flat"
     bandwidth = read_bandwidth_gib_s(args.repeats)
     print(f"measured memory read bandwidth: {bandwidth:.1f} GiB/s", flush=True)
     rows = []
@@ -262,6 +280,7 @@ def main(argv=None):
             tensorflow=tf.__version__, keras=keras.__version__,
         ),
         repeats=args.repeats,
+        strategy=args.strategy,
         read_bandwidth_gib_s=bandwidth,
         allocator=os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"),
         rows=rows,

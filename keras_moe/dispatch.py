@@ -6,11 +6,14 @@ top-k gating) and never materialise anything of size `N * E * d` or
 `N * E * h`: the largest buffers are `[P, d]` and `[P, h]` (dropless) or
 `[E, C, d]` with `E * C ~= capacity_factor * P` (capacity mode).
 
-- `dropless_dispatch`: `tf.dynamic_partition` groups the routed rows by
-  expert, each expert runs on exactly its rows, `tf.dynamic_stitch` puts the
-  answers back in pair order and `unsorted_segment_sum` adds each token's
-  gated answers. Shapes are data-dependent, so it runs in TensorFlow graphs
-  but not under XLA.
+- `dropless_dispatch`: each expert runs on exactly its routed rows and
+  `unsorted_segment_sum` adds each token's gated answers. Up to
+  `LOOP_MIN_EXPERTS` experts, `tf.dynamic_partition` groups the rows and a
+  Python loop runs the experts (`tf.dynamic_stitch` restores pair order);
+  from there on the rows are sorted by expert and each layer is one
+  `tf.while_loop` over the experts (`keras_moe.grouped`), so the graph
+  stays the same size for any `E`. Shapes are data-dependent, so it runs in
+  TensorFlow graphs but not under XLA.
 - `capacity_dispatch`: each expert gets a static buffer of
   `C = ceil(capacity_factor * N * k / E)` rows; pairs beyond an expert's
   capacity are dropped (their contribution is 0). All shapes are static
@@ -20,6 +23,8 @@ top-k gating) and never materialise anything of size `N * E * d` or
 import math
 
 import tensorflow as tf
+
+from keras_moe import grouped
 
 
 def partitioned_apply(rows, group_index, num_groups, fn):
@@ -42,11 +47,51 @@ def partitioned_apply(rows, group_index, num_groups, fn):
     return tf.dynamic_stitch(part_positions, outputs)
 
 
-def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens, training=False):
+# From this many experts on, `dropless_dispatch` runs the experts in a
+# `tf.while_loop` (`FeedForwardExperts.apply_sorted`) instead of one unrolled
+# Python loop over them (`apply_partitioned`). Below it the unrolled graph is
+# small, traces in seconds, and its per-step time is measured equal or lower;
+# above it the unrolled graph's trace time grows linearly with E (measured
+# under load, 2-layer HierarchicalMoE, d=h=16: 31 s at E=256, 141 s at 1024)
+# while the loop's stays constant. See benchmarks/trace_time.py and
+# docs/performance.md for the crossover measurement.
+LOOP_MIN_EXPERTS = 64
+
+STRATEGIES = ("auto", "unrolled", "loop")
+
+
+def dropless_strategy(num_experts, strategy="auto"):
+    """`"unrolled"` or `"loop"`: how `dropless_dispatch` runs `num_experts` experts.
+
+    Args:
+        num_experts: int.
+        strategy: `"auto"` (by `num_experts`, see `LOOP_MIN_EXPERTS`),
+            `"unrolled"` or `"loop"`.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
+    if strategy == "auto":
+        return "loop" if num_experts >= LOOP_MIN_EXPERTS else "unrolled"
+    return strategy
+
+
+def dropless_dispatch(
+    x, token_index, expert_index, gate, experts, num_tokens, training=False, strategy="auto",
+):
     """Every pair reaches its expert; compute follows the number of pairs.
 
-    Rows are grouped by expert with `tf.dynamic_partition`, each expert runs
-    on exactly its own rows, and the answers are put back in pair order.
+    Two exact ways to run the experts on their rows:
+
+    - `"unrolled"`: `tf.dynamic_partition` groups the routed rows by
+      expert, each expert runs on exactly its own rows in a Python loop
+      (`FeedForwardExperts.apply_partitioned`), and the answers are put back
+      in pair order. The graph holds a few ops per expert, forward and
+      backward, so trace time and per-step op overhead grow with `E`.
+    - `"loop"`: the pairs are sorted by expert once, and each layer is one
+      `tf.while_loop` over the non-empty experts
+      (`FeedForwardExperts.apply_sorted`): a graph whose size does not
+      depend on `E`.
+
     (A padded `[E, max n_e, d]` buffer with one batched matmul was measured
     slower on CPU, and it grows towards `N * E * d` when routing collapses.)
 
@@ -57,15 +102,24 @@ def dropless_dispatch(x, token_index, expert_index, gate, experts, num_tokens, t
         experts: a `FeedForwardExperts`.
         num_tokens: `N` (int or scalar tensor).
         training: bool, passed to the experts (their dropout).
+        strategy: `"auto"` (the default: `"loop"` from `LOOP_MIN_EXPERTS`
+            experts on), `"unrolled"` or `"loop"`.
 
     Returns:
         `[N, out]`: `y_t = sum over pairs (t, e, g) of g * E_e(x_t)`.
     """
-    routed = tf.gather(x, token_index)
-    answers = partitioned_apply(
-        routed, expert_index, experts.num_experts,
-        lambda parts: experts.apply_partitioned(parts, training=training),
-    )
+    if dropless_strategy(experts.num_experts, strategy) == "loop":
+        order, counts = grouped.sort_by_group(expert_index, experts.num_experts)
+        # Nothing is put back in pair order: the gated answers are summed
+        # per token straight from the sorted layout.
+        token_index = tf.gather(token_index, order)
+        gate = tf.gather(gate, order)
+        answers = experts.apply_sorted(tf.gather(x, token_index), counts, training=training)
+    else:
+        answers = partitioned_apply(
+            tf.gather(x, token_index), expert_index, experts.num_experts,
+            lambda parts: experts.apply_partitioned(parts, training=training),
+        )
     weighted = answers * tf.cast(gate, answers.dtype)[:, None]
     return tf.math.unsorted_segment_sum(weighted, token_index, num_tokens)
 

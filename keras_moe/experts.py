@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import expert_parallel as ep
+from keras_moe import grouped
 from keras_moe.validation import check_int, check_rate
 
 
@@ -264,6 +265,40 @@ class FeedForwardExperts(keras.layers.Layer):
                 y = tf.nn.bias_add(y, b_out[e])
             outputs.append(y)
         return outputs
+
+    def apply_sorted(self, rows, counts, training=False):
+        """Run the experts on rows sorted by expert, with a graph of constant size.
+
+        The same computation as `apply_partitioned`, laid out differently:
+        expert 0's `counts[0]` rows first, then expert 1's, ... Each layer is
+        one `keras_moe.grouped.segment_matmul`, a `tf.while_loop` over the
+        experts that received rows, so the traced graph (forward and
+        backward) does not grow with `E` as `apply_partitioned`'s does.
+
+        Args:
+            rows: `[P, d]`, sorted by expert.
+            counts: int32 `[E]`, rows per expert (summing to `P`).
+            training: bool; `dropout` applies only in training.
+
+        Returns:
+            `[P, output_dim]`, in the order of `rows`.
+        """
+        counts = tf.cast(counts, tf.int32)
+        expert_of_row = tf.repeat(tf.range(tf.size(counts)), counts)
+
+        def layer(inputs, kernel, bias):
+            out = grouped.segment_matmul(inputs, counts, self._cast(kernel))
+            if self.use_bias:
+                out += grouped.gather_rows(self._cast(bias), expert_of_row)
+            return out
+
+        hidden = layer(tf.cast(rows, self.compute_dtype), self.w_in, self.b_in)
+        hidden = self._activate(hidden, training)
+        for index in range(self.num_hidden_layers - 1):
+            bias = self.b_hidden[:, index] if self.use_bias else None
+            hidden = layer(hidden, self.w_hidden[:, index], bias)
+            hidden = self._activate(hidden, training)
+        return layer(hidden, self.w_out, self.b_out)
 
     def _cast(self, variable):
         return tf.cast(variable, self.compute_dtype)
