@@ -23,6 +23,7 @@ MODULES = [
     "keras_moe.validation",
     "keras_moe.optimizers",
     "keras_moe.expert_optimizer",
+    "keras_moe.grouped",
     "keras_moe.pipelines.data.shards",
     "keras_moe.pipelines.training.multi_worker",
     "keras_moe.models.lm",
