@@ -139,6 +139,34 @@ class _LinearGating(keras.layers.Layer):
         weight = tf.cast(weight, tf.float32)
         return x, tf.matmul(x, tf.cast(self.w_gate, tf.float32)), weight
 
+    def balancing_loss(self, loss_stats):
+        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11) from batch sums."""
+        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
+        return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
+
+    def _decision(self, top_indices, top_gates, clean_logits, weight, noise_std=None,
+                  load_prob=None, loss_stats=None):
+        """The `GateDecision` of chosen experts and gates, its statistics and loss.
+
+        `loss_stats` defaults to Importance and Load, the terms of
+        `balancing_loss` above; a gate with another loss passes its own.
+        """
+        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, load_prob)
+        if loss_stats is None:
+            loss_stats = {"importance": stats["importance"], "load": stats["load"]}
+        else:
+            loss_stats = loss_stats(stats)
+        return GateDecision(
+            top_indices=top_indices,
+            top_gates=top_gates,
+            aux_loss=self.balancing_loss(loss_stats),
+            clean_logits=clean_logits,
+            noise_std=noise_std,
+            loss_stats=loss_stats,
+            local_loss=tf.zeros([], tf.float32),
+            **stats,
+        )
+
     def get_config(self):
         config = {
             "num_experts": self.num_experts,
@@ -261,23 +289,7 @@ class NoisyTopKGating(_LinearGating):
                 tf.shape(clean_logits), seed=self.seed_generator, dtype="float32"
             )
         top_indices, top_gates, load_prob = top_k_gates(clean_logits, noise_std, noise, self.k)
-        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, load_prob)
-        loss_stats = {"importance": stats["importance"], "load": stats["load"]}
-        return GateDecision(
-            top_indices=top_indices,
-            top_gates=top_gates,
-            aux_loss=self.balancing_loss(loss_stats),
-            clean_logits=clean_logits,
-            noise_std=noise_std,
-            loss_stats=loss_stats,
-            local_loss=tf.zeros([], tf.float32),
-            **stats,
-        )
-
-    def balancing_loss(self, loss_stats):
-        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11) from batch sums."""
-        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
-        return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
+        return self._decision(top_indices, top_gates, clean_logits, weight, noise_std, load_prob)
 
     def get_config(self):
         config = {"gating": self.gating, "noise_epsilon": self.noise_epsilon}
@@ -327,22 +339,14 @@ class SwitchGating(_WithoutNoiseWeights):
         probs = tf.nn.softmax(clean_logits, axis=-1)
         top_gates, top_indices = tf.math.top_k(probs, 1)
         top_indices = tf.cast(top_indices, tf.int32)
-        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
-        loss_stats = {
-            "importance": stats["importance"],
-            "counts": stats["counts"],
-            "router_prob_sum": tf.reduce_sum(probs * weight[:, None], axis=0),
-            "tokens": tf.reduce_sum(weight),
-        }
-        return GateDecision(
-            top_indices=top_indices,
-            top_gates=top_gates,
-            aux_loss=self.balancing_loss(loss_stats),
-            clean_logits=clean_logits,
-            noise_std=None,
-            loss_stats=loss_stats,
-            local_loss=tf.zeros([], tf.float32),
-            **stats,
+        return self._decision(
+            top_indices, top_gates, clean_logits, weight,
+            loss_stats=lambda stats: {
+                "importance": stats["importance"],
+                "counts": stats["counts"],
+                "router_prob_sum": tf.reduce_sum(probs * weight[:, None], axis=0),
+                "tokens": tf.reduce_sum(weight),
+            },
         )
 
     def balancing_loss(self, loss_stats):
@@ -394,20 +398,4 @@ class SoftmaxGating(_WithoutNoiseWeights):
         _, clean_logits, weight = self._logits(inputs, weight)
         # The top-k of all E logits sorts them; its softmax is the full softmax.
         top_indices, top_gates, _ = top_k_gates(clean_logits, None, None, self.k)
-        stats = decision_from_top_k(top_indices, top_gates, self.num_experts, weight, None)
-        loss_stats = {"importance": stats["importance"], "load": stats["load"]}
-        return GateDecision(
-            top_indices=top_indices,
-            top_gates=top_gates,
-            aux_loss=self.balancing_loss(loss_stats),
-            clean_logits=clean_logits,
-            noise_std=None,
-            loss_stats=loss_stats,
-            local_loss=tf.zeros([], tf.float32),
-            **stats,
-        )
-
-    def balancing_loss(self, loss_stats):
-        """`w_importance CV(Importance)^2 + w_load CV(Load)^2` from batch sums."""
-        aux = self.importance_weight * losses.cv_squared(loss_stats["importance"])
-        return aux + self.load_weight * losses.cv_squared(loss_stats["load"])
+        return self._decision(top_indices, top_gates, clean_logits, weight)

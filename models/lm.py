@@ -284,7 +284,10 @@ class LanguageModel(keras.Model):
         """Keras's step, or with `num_sampled > 0` one on the sampled softmax loss."""
         if not self.num_sampled:
             return super().train_step(data)
-        if self.has_compiled_metrics:
+        # Keras lists the metrics passed to `compile` as one entry of `metrics`,
+        # named "compile_metrics" (as `metrics_names` shows). (Overriding
+        # `compile` to note them would stop `load_model` from compiling.)
+        if "compile_metrics" in self.metrics_names:
             raise ValueError(
                 "compiled metrics need the full logits, which training with `num_sampled="
                 f"{self.num_sampled}` never computes; compile without `metrics` and "
@@ -315,12 +318,6 @@ class LanguageModel(keras.Model):
             logs.update({m.name: m.result() for m in layer.metrics})
         return logs
 
-
-    def compile(self, *args, metrics=None, weighted_metrics=None, **kwargs):
-        # Noted here for `train_step`, which must refuse compiled metrics in the
-        # sampled-softmax path (they need the full logits it never builds).
-        self.has_compiled_metrics = bool(metrics or weighted_metrics)
-        super().compile(*args, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs)
 
     def get_config(self):
         config = {
