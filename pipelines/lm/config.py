@@ -50,6 +50,10 @@ class DataConfig:
     batch_tokens: int = 8192  # sentences mode: about this many tokens per batch
     max_sentence_len: int = 100  # sentences mode: longer lines are cut
     shuffle_buffer: int = 10000  # windows or sentences
+    # Training shards read at once, in blocks of this many lines, then mixed in a
+    # buffer of `interleave_buffer_lines` lines (0: the files one after another).
+    interleave_block_lines: int = 0
+    interleave_buffer_lines: int = 100_000
     eval_seq_len: int = 0  # stream mode evaluation windows (0: seq_len)
     eval_batch_size: int = 32
 
@@ -73,6 +77,13 @@ class DataConfig:
                      "max_sentence_len", "shuffle_buffer", "eval_batch_size"):
             check_positive(name, getattr(self, name))
         check_positive("eval_seq_len", self.eval_seq_len, allow_zero=True)
+        check_positive("interleave_block_lines", self.interleave_block_lines, allow_zero=True)
+        check_positive("interleave_buffer_lines", self.interleave_buffer_lines)
+        if self.interleave_block_lines and self.format != "text":
+            raise ValueError(
+                "`interleave_block_lines` reads text shards (a glob or a directory); "
+                f"set `format: text`. Received: format={self.format!r}"
+            )
 
 
 @dataclasses.dataclass

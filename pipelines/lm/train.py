@@ -35,11 +35,11 @@ line by line, a word or WordPiece vocabulary, the `presets` models, and
 per-word perplexity over whole files.
 """
 
-
+import itertools
 
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
-from keras_moe.pipelines.data import lm_corpora
+from keras_moe.pipelines.data import lm_corpora, shards
 from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
@@ -54,13 +54,31 @@ CONVENTION = (
 )
 
 
-def lines_factory(data_config, split):
-    """A callable returning a fresh iterator over the lines of `split`."""
+def lines_factory(data_config, split, seed=0):
+    """A callable returning a fresh iterator over the lines of `split`.
+
+    With `data.interleave_block_lines > 0` the training files (a glob or a
+    directory of shards, text format) are read all at once, interleaved in
+    blocks and mixed in a shuffle buffer (`data.shards.interleaved_lines`),
+    so one pass over books stored whole does not train on one book at a
+    time; each call (each pass) draws its own order from `seed`.
+    """
     spec = getattr(data_config, split)
     if not spec:
         raise ValueError(f"`data.{split}` is empty: name a file, glob, directory or dataset")
     fmt = data_config.format
     kwargs = {"data_dir": data_config.tfds_data_dir} if fmt == "tfds" else {}
+    if split == "train" and data_config.interleave_block_lines:
+        files = lm_corpora.resolve_files(spec)
+        passes = itertools.count()
+
+        def interleaved():
+            return shards.interleaved_lines(
+                files, seed=[seed, next(passes)], block_lines=data_config.interleave_block_lines,
+                buffer_lines=data_config.interleave_buffer_lines,
+            )
+
+        return interleaved
 
     def factory():
         return lm_corpora.iter_lines(spec, format=fmt, split=split, **kwargs)
@@ -201,7 +219,8 @@ class LanguageModelTask(trainer.Task):
 
     def training_dataset(self, config, vocab, data_config):
         return lm_input.training_dataset(
-            lines_factory(data_config, "train"), vocab, data_config, seed=config.train.seed
+            lines_factory(data_config, "train", seed=config.train.seed), vocab, data_config,
+            seed=config.train.seed
         )
 
     def validation(self, config, vocab):

@@ -85,3 +85,36 @@ def test_bad_input_is_named(tmp_path):
         list(interleaved_lines([str(bad)], buffer_lines=1))
     with pytest.raises(FileNotFoundError):
         list(interleaved_lines([str(tmp_path / "missing.txt.gz")]))
+
+
+def test_lm_training_lines_interleave_shards_when_configured(tmp_path):
+    from keras_moe.pipelines.config import load_config
+    from keras_moe.pipelines.lm import train as lm_train
+    from keras_moe.pipelines.lm.config import LMConfig
+
+    paths = write_shards(tmp_path)
+    glob = str(tmp_path / "train-*.txt.gz")
+    config = load_config(LMConfig, None, [
+        f"data.train={glob}", f"data.valid={paths[0]}", "data.interleave_block_lines=16",
+        "data.interleave_buffer_lines=500"])
+    factory = lm_train.lines_factory(config.data, "train", seed=7)
+    first, second = list(factory()), list(factory())
+    # Each pass is the interleaving of the shards with the seed and the pass number.
+    assert first == list(interleaved_lines(paths, seed=[7, 0], block_lines=16, buffer_lines=500))
+    assert second == list(interleaved_lines(paths, seed=[7, 1], block_lines=16, buffer_lines=500))
+    assert first != second and sorted(first) == sorted(second)
+    # Without the key, the files are read one after another, as before.
+    plain = load_config(LMConfig, None, [f"data.train={glob}", f"data.valid={paths[0]}"])
+    in_order = list(lm_train.lines_factory(plain.data, "train")())
+    assert in_order[:3] == ["s0b0l0", "s0b0l1", "s0b0l2"]
+    # Validation is never interleaved.
+    assert list(lm_train.lines_factory(config.data, "valid")())[:3] == ["s0b0l0", "s0b0l1", "s0b0l2"]
+
+
+def test_interleaving_needs_text_shards():
+    from keras_moe.pipelines.lm.config import DataConfig
+
+    with pytest.raises(ValueError, match="interleave_block_lines"):
+        DataConfig(format="ptb", interleave_block_lines=8)
+    with pytest.raises(ValueError, match="interleave_buffer_lines"):
+        DataConfig(interleave_block_lines=8, interleave_buffer_lines=0)
