@@ -208,24 +208,30 @@ def dense_sized(shape, num_experts):
     return n >= T * num_experts * min(D, H)
 
 
+def called_functions(op, graph):
+    """`(name, graph)` of the function graphs `op` calls (while bodies, cond branches, gradients)."""
+    for attr in op.node_def.attr.values():
+        if attr.HasField("func"):
+            names = [attr.func.name]
+        elif attr.HasField("list"):
+            names = [f.name for f in attr.list.func]
+        else:
+            names = []
+        for name in names:
+            fn = graph._get_function(name)
+            if fn is not None and getattr(fn, "graph", None) is not None:
+                yield name, fn.graph
+
+
 def nested_graphs(graph, seen=None):
     """`graph` and every function graph it calls (cond branches, gradients), recursively."""
     seen = set() if seen is None else seen
     yield graph
     for op in graph.get_operations():
-        for attr in op.node_def.attr.values():
-            if attr.HasField("func"):
-                names = [attr.func.name]
-            elif attr.HasField("list"):
-                names = [f.name for f in attr.list.func]
-            else:
-                names = []
-            for name in names:
-                fn = graph._get_function(name)
-                if name in seen or fn is None or getattr(fn, "graph", None) is None:
-                    continue
+        for name, called in called_functions(op, graph):
+            if name not in seen:
                 seen.add(name)
-                yield from nested_graphs(fn.graph, seen)
+                yield from nested_graphs(called, seen)
 
 
 def all_ops(graph):
@@ -433,21 +439,6 @@ def test_sparsity_checks_flag_a_dense_implementation(tmp_path):
 # (`keras_moe.grouped.segment_matmul`) with a hand-written backward pass.
 
 
-def called_functions(op, graph):
-    """The function graphs `op` calls (while bodies, cond branches, gradients)."""
-    for attr in op.node_def.attr.values():
-        if attr.HasField("func"):
-            names = [attr.func.name]
-        elif attr.HasField("list"):
-            names = [f.name for f in attr.list.func]
-        else:
-            names = []
-        for name in names:
-            fn = graph._get_function(name)
-            if fn is not None and getattr(fn, "graph", None) is not None:
-                yield fn.graph
-
-
 def live_op_count(graph):
     """Ops that run: those the outputs of `graph` depend on, in it and in the graphs it calls.
 
@@ -468,7 +459,7 @@ def live_op_count(graph):
         count += 1
         stack.extend(t.op for t in op.inputs)
         stack.extend(op.control_inputs)
-        count += sum(live_op_count(g) for g in called_functions(op, graph))
+        count += sum(live_op_count(g) for _, g in called_functions(op, graph))
     return count
 
 
