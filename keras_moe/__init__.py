@@ -4,7 +4,7 @@ Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated
 Mixture-of-Experts Layer", arXiv:1701.06538.
 """
 
-from keras_moe import losses, statistics
+from keras_moe import losses, pools, statistics
 from keras_moe.batchwise import BatchwiseGating
 from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
@@ -13,6 +13,7 @@ from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
 from keras_moe.moe import MoE
 from keras_moe.monitoring import RoutingMonitor
 from keras_moe.optimizers import FactoredAdam
+from keras_moe.pools import set_inference_k
 from keras_moe.routing import GateDecision, Routing
 
 __version__ = "0.1.0"
@@ -32,5 +33,7 @@ __all__ = [
     "SoftmaxGating",
     "SwitchGating",
     "losses",
+    "pools",
+    "set_inference_k",
     "statistics",
 ]

@@ -15,6 +15,17 @@ from keras_moe.routing import GateDecision
 from keras_moe.validation import check_int
 
 GATING_TYPES = ("noisy_top_k", "top_k", "switch", "softmax", "batchwise")
+# Logits masked out by a `logits_mask` (document pools, `keras_moe.pools`).
+# Finite, so that `clean - threshold` in the smooth load estimator stays
+# finite: its normal cdf is then exactly 0, where `-inf - -inf` gives NaN.
+MASKED_LOGIT = -1e9
+
+
+def mask_logits(logits, logits_mask):
+    """`logits` with the entries where `logits_mask` (bool `[N, E]`) is False set to `MASKED_LOGIT`."""
+    if logits_mask is None:
+        return logits
+    return tf.where(logits_mask, logits, tf.cast(MASKED_LOGIT, logits.dtype))
 
 
 def validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon):
@@ -36,7 +47,7 @@ def validate_common(num_experts, k, importance_weight, load_weight, noise_epsilo
             )
 
 
-def top_k_gates(clean_logits, noise_std, noise, k):
+def top_k_gates(clean_logits, noise_std, noise, k, logits_mask=None):
     """Select k experts per row and weight them (Eq. 3-5, 8-9).
 
     Args:
@@ -44,6 +55,9 @@ def top_k_gates(clean_logits, noise_std, noise, k):
         noise_std: float32 `[N, E]` or None (no noise).
         noise: float32 `[N, E]` standard normal sample, or None.
         k: int.
+        logits_mask: optional bool `[N, E]` with at least k True per row:
+            experts where it is False are never chosen (their clean and
+            noisy logits become `MASKED_LOGIT`, so their load is 0).
 
     Returns:
         `(top_indices [N, k] int32, top_gates [N, k], load_prob [N, E] or
@@ -56,6 +70,8 @@ def top_k_gates(clean_logits, noise_std, noise, k):
         logits = clean_logits + noise * noise_std
     else:
         logits = clean_logits
+    logits = mask_logits(logits, logits_mask)
+    clean_logits = mask_logits(clean_logits, logits_mask)
     top_values, top_indices = tf.math.top_k(logits, k)
     top_gates = tf.nn.softmax(top_values, axis=-1)
     load_prob = None
@@ -138,6 +154,10 @@ class _LinearGating(keras.layers.Layer):
             weight = tf.ones(tf.shape(x)[:1], tf.float32)
         weight = tf.cast(weight, tf.float32)
         return x, tf.matmul(x, tf.cast(self.w_gate, tf.float32)), weight
+
+    def clean_logits(self, inputs):
+        """The noise-free logits `x W_g`, float32 `[N, E]` (what document pools rank by)."""
+        return self._logits(inputs, None)[1]
 
     def balancing_loss(self, loss_stats):
         """`w_importance CV(Importance)^2 + w_load CV(Load)^2` (Eq. 7, 11) from batch sums."""
@@ -224,6 +244,10 @@ class NoisyTopKGating(_LinearGating):
         inputs: `[N, d]` tokens (cast to float32).
         training: bool, whether noise is applied.
         weight: optional float `[N]`; 0 excludes a token from the statistics.
+        logits_mask: optional bool `[N, E]`; experts where it is False are
+            never chosen (document pools, see `keras_moe.pools`).
+        k: optional int, experts per token instead of the layer's `k`
+            (inference-time k).
 
     Returns:
         A `keras_moe.routing.GateDecision`.
@@ -279,7 +303,7 @@ class NoisyTopKGating(_LinearGating):
             name="w_noise", shape=(input_shape[-1], self.num_experts), initializer="zeros"
         )
 
-    def call(self, inputs, training=False, weight=None):
+    def call(self, inputs, training=False, weight=None, logits_mask=None, k=None):
         x, clean_logits, weight = self._logits(inputs, weight)
         noise_std = noise = None
         if self.noisy and training:
@@ -288,7 +312,9 @@ class NoisyTopKGating(_LinearGating):
             noise = keras.random.normal(
                 tf.shape(clean_logits), seed=self.seed_generator, dtype="float32"
             )
-        top_indices, top_gates, load_prob = top_k_gates(clean_logits, noise_std, noise, self.k)
+        top_indices, top_gates, load_prob = top_k_gates(
+            clean_logits, noise_std, noise, k or self.k, logits_mask
+        )
         return self._decision(top_indices, top_gates, clean_logits, weight, noise_std, load_prob)
 
     def get_config(self):
@@ -315,7 +341,8 @@ class SwitchGating(_WithoutNoiseWeights):
         seed: optional int (the gate is deterministic; kept for symmetry).
         **kwargs: base `Layer` arguments.
 
-    Call arguments, returns: as for `NoisyTopKGating`.
+    Call arguments, returns: as for `NoisyTopKGating` (no `k`; with a
+    `logits_mask` the router softmax is taken over the unmasked experts).
 
     Example:
 
@@ -334,9 +361,9 @@ class SwitchGating(_WithoutNoiseWeights):
                 f"Received: k={k}"
             )
 
-    def call(self, inputs, training=False, weight=None):
+    def call(self, inputs, training=False, weight=None, logits_mask=None):
         _, clean_logits, weight = self._logits(inputs, weight)
-        probs = tf.nn.softmax(clean_logits, axis=-1)
+        probs = tf.nn.softmax(mask_logits(clean_logits, logits_mask), axis=-1)
         top_gates, top_indices = tf.math.top_k(probs, 1)
         top_indices = tf.cast(top_indices, tf.int32)
         return self._decision(
@@ -394,8 +421,10 @@ class SoftmaxGating(_WithoutNoiseWeights):
                 f"{num_experts}. Received: k={k}"
             )
 
-    def call(self, inputs, training=False, weight=None):
+    def call(self, inputs, training=False, weight=None, logits_mask=None, k=None):
         _, clean_logits, weight = self._logits(inputs, weight)
         # The top-k of all E logits sorts them; its softmax is the full softmax.
-        top_indices, top_gates, _ = top_k_gates(clean_logits, None, None, self.k)
+        top_indices, top_gates, _ = top_k_gates(
+            clean_logits, None, None, k or self.k, logits_mask
+        )
         return self._decision(top_indices, top_gates, clean_logits, weight)

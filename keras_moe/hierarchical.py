@@ -63,7 +63,10 @@ class HierarchicalGating(keras.layers.Layer):
         **kwargs: base `Layer` arguments.
 
     Call arguments:
-        inputs: `[N, d]`; training: bool; weight: optional float `[N]`.
+        inputs: `[N, d]`; training: bool; weight: optional float `[N]`;
+        logits_mask: optional bool `[N, num_groups]`, groups a token may
+            choose; k_primary: optional int, groups per token instead of
+            the layer's.
 
     Returns:
         A `GateDecision` over the flat expert index `i * experts_per_group + j`
@@ -122,12 +125,19 @@ class HierarchicalGating(keras.layers.Layer):
         self.w_gate = self.add_weight(name="w_gate", shape=shape, initializer="zeros")
         self.w_noise = self.add_weight(name="w_noise", shape=shape, initializer="zeros")
 
-    def call(self, inputs, training=False, weight=None):
+    def clean_logits(self, inputs):
+        """The primary gate's noise-free logits `[N, num_groups]` (pools are made of groups)."""
+        return self.primary.clean_logits(inputs)
+
+    def call(self, inputs, training=False, weight=None, logits_mask=None, k_primary=None):
         x = tf.cast(inputs, tf.float32)
         if weight is None:
             weight = tf.ones(tf.shape(x)[:1], tf.float32)
         weight = tf.cast(weight, tf.float32)
-        primary = self.primary(x, training=training, weight=weight)
+        # `logits_mask` (bool `[N, num_groups]`: document pools of groups) and
+        # `k_primary` (inference-time k) only concern the first level.
+        primary = self.primary(x, training=training, weight=weight, logits_mask=logits_mask,
+                               k=k_primary)
         groups, per_group = self.num_groups, self.experts_per_group
         w_gate = tf.unstack(tf.cast(self.w_gate, tf.float32))
         w_noise = tf.unstack(tf.cast(self.w_noise, tf.float32))
@@ -173,7 +183,7 @@ class HierarchicalGating(keras.layers.Layer):
         }
         load = self.hierarchical_load(loss_stats)
 
-        k_total = self.k_primary * ks
+        k_total = (k_primary or self.k_primary) * ks
         return GateDecision(
             token_index=token_index,
             expert_index=expert_index,
@@ -245,6 +255,16 @@ class HierarchicalMoE(SparseMoEBase):
         expert_hidden_layers, expert_parallel, expert_dropout: as for `MoE` (expert
             parallelism splits the `num_groups * experts_per_group` experts
             evenly over the replicas).
+        pool_size, pool_size_range, pool_by: document pools as for `MoE`,
+            but made of groups: `k_primary <= pool_size <= num_groups`, and
+            a document's pool is its top `pool_size` groups by mean primary
+            gate probability (`Softmax(x W_g_primary)`), with all their
+            experts. The first level is restricted to the pool and the
+            second level is unchanged, so no token leaves its pool. Groups
+            rather than leaf experts: a leaf pool would need every group's
+            secondary logits for every token (what the hierarchy avoids),
+            and could leave a chosen group with fewer than `k_secondary`
+            pool experts. `routing.pools` lists the pools' experts.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -282,6 +302,9 @@ class HierarchicalMoE(SparseMoEBase):
         expert_hidden_layers=1,
         expert_parallel=False,
         expert_dropout=0.0,
+        pool_size=None,
+        pool_size_range=None,
+        pool_by="row",
         **kwargs,
     ):
         validate_hierarchical(
@@ -306,6 +329,10 @@ class HierarchicalMoE(SparseMoEBase):
         self.gating = HierarchicalGating(
             num_groups, experts_per_group, k_primary, k_secondary, gating,
             importance_weight, load_weight, noise_epsilon, seed=seed, name="gating",
+        )
+        self._init_routing_options(
+            pool_size, pool_size_range, pool_by, num_groups, k_primary, experts_per_group,
+            names=("num_groups", "k_primary"),
         )
 
     def get_config(self):

@@ -1,7 +1,5 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017)."""
 
-from typing import NamedTuple
-
 import keras
 import tensorflow as tf
 
@@ -16,6 +14,8 @@ from keras_moe.gating import (
     SwitchGating,
     validate_common,
 )
+from keras_moe.pools import RoutingOptions
+from keras_moe.pools import Tokens as _Tokens
 from keras_moe.routing import (
     make_routing,
     make_routing_metrics,
@@ -52,23 +52,7 @@ def make_gating(gating, num_experts, k, importance_weight, load_weight, noise_ep
     return NoisyTopKGating(num_experts, k, gating, noise_epsilon=noise_epsilon, **shared)
 
 
-class _Tokens(NamedTuple):
-    """The positions of one call, flattened to rows (internal).
-
-    `rows` are the rows the gate sees: every position, or (dropless with a
-    mask) only the non-masked ones, whose places are `kept`. In capacity
-    mode masked rows are routed but `weight` (1 / 0) keeps them out of the
-    statistics and the experts' queues.
-    """
-
-    rows: tf.Tensor
-    weight: tf.Tensor | None
-    kept: tf.Tensor | None
-    num_positions: tf.Tensor
-    lead_shape: tf.Tensor
-
-
-class SparseMoEBase(keras.layers.Layer):
+class SparseMoEBase(RoutingOptions, keras.layers.Layer):
     """Shared anatomy of `MoE` and `HierarchicalMoE` (not public).
 
     `__init__` validates and stores the arguments both layers share (by
@@ -157,6 +141,7 @@ class SparseMoEBase(keras.layers.Layer):
             "balancing_scope": self.balancing_scope,
             "expert_parallel": self.expert_parallel,
             "expert_dropout": self.expert_dropout,
+            **self.routing_options_config(),
         }
         return {**super().get_config(), **config}
 
@@ -221,7 +206,8 @@ class SparseMoEBase(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)
 
-    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False):
+    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False,
+                            document_ids=None):
         if return_routing:
             # A functional model's outputs must have one structure in every
             # mode; a Routing's optional fields (noise_std in noisy training)
@@ -240,10 +226,12 @@ class SparseMoEBase(keras.layers.Layer):
     def compute_mask(self, inputs, mask=None):
         return mask
 
-    def call(self, inputs, training=None, mask=None, return_routing=False):
+    def call(self, inputs, training=None, mask=None, return_routing=False, document_ids=None):
         training = bool(training)
         tokens = self._flatten(inputs, mask)
-        decision = self.gating(tokens.rows, training=training, weight=tokens.weight)
+        # Pools' logits mask and inference-time k (`keras_moe.pools`).
+        options, pools = self._gate_options(tokens, training, document_ids)
+        decision = self.gating(tokens.rows, training=training, weight=tokens.weight, **options)
         y, dropped, exchanged = self._dispatch_rows(tokens, decision, training)
         aux_loss = decision.aux_loss
         if training:
@@ -253,6 +241,7 @@ class SparseMoEBase(keras.layers.Layer):
             decision, aux_loss, dropped, exchanged, tokens.lead_shape,
             kept=tokens.kept, weight=tokens.weight, num_positions=tokens.num_positions,
         )
+        routing = self._with_pools(routing, pools)
         self._report(inputs, routing, training)
         y = self._restore(y, tokens)
         return (y, routing) if return_routing else y
@@ -424,6 +413,11 @@ class MoE(SparseMoEBase):
         expert_dropout: float in [0, 1) (default 0), dropout on the experts'
             hidden activations in training (Switch Transformer's expert
             dropout; see `keras_moe.FeedForwardExperts`).
+        pool_size: None (default), or an int `k <= P <= num_experts`: each
+            document routes within a pool of its top `P` experts (EMO; see
+            `keras_moe.pools`). `pool_size_range`: optional `(low, high)`,
+            `P` drawn per training call. `pool_by`: `"row"` (each batch row
+            is one document) or `"document_ids"` (the call argument).
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -432,6 +426,8 @@ class MoE(SparseMoEBase):
             apply only in training.
         mask: optional bool `[...]` (a Keras mask is passed automatically).
         return_routing: bool; if True, return `(y, routing)`.
+        document_ids: int `[...]`, each position's document
+            (`pool_by="document_ids"` only).
 
     Returns:
         `y` of shape `[..., output_dim or d]`, or `(y, routing)` with
@@ -464,6 +460,9 @@ class MoE(SparseMoEBase):
         expert_hidden_layers=1,
         expert_parallel=False,
         expert_dropout=0.0,
+        pool_size=None,
+        pool_size_range=None,
+        pool_by="row",
         **kwargs,
     ):
         validate_common(num_experts, k, importance_weight, load_weight, noise_epsilon)
@@ -487,6 +486,7 @@ class MoE(SparseMoEBase):
             gating, num_experts, k, importance_weight, load_weight, noise_epsilon,
             threshold_weight, seed,
         )
+        self._init_routing_options(pool_size, pool_size_range, pool_by, num_experts, k)
 
     def get_config(self):
         config = {

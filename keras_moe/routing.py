@@ -84,6 +84,11 @@ class Routing(NamedTuple):
             `keras_moe.expert_parallel.expert_parallel_dispatch`).
         primary_counts: float32 `[num_groups]` or None (hierarchical):
             tokens the first level sent to each group.
+        pools: int32 `[documents, P]` or None (no pools): the experts of each
+            document's pool (`keras_moe.pools`), by decreasing mean gate
+            probability (a group's experts together, for hierarchical).
+        document_index: int32 `[...]` or None: each position's row of
+            `pools` (`-1` for masked positions).
 
     The per-expert vectors are sums over the call's non-masked positions;
     `keras_moe.statistics` turns them into balance statistics.
@@ -102,6 +107,8 @@ class Routing(NamedTuple):
     primary_load: tf.Tensor | None = None
     exchanged_elements: tf.Tensor | None = None
     primary_counts: tf.Tensor | None = None
+    pools: tf.Tensor | None = None
+    document_index: tf.Tensor | None = None
 
 
 def make_routing_metrics(prefix):
