@@ -116,6 +116,8 @@ def build_parser():
     evaluate.add_argument("--run-dir", required=True)
     evaluate.add_argument("--data", required=True, help="file, glob or directory of text")
     evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
+    evaluate.add_argument("--k", type=int, default=None,
+                          help="evaluate at k experts per position (default: the trained k)")
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
 
     _add_translate_parser(sub)
@@ -188,6 +190,8 @@ def _add_translate_parser(sub):
                           help="average the last N evaluation checkpoints")
     evaluate.add_argument("--out", default=None,
                           help="hypotheses file (default: <run-dir>/eval/<src name>.hyp)")
+    evaluate.add_argument("--k", type=int, default=None,
+                          help="evaluate at k experts per position (default: the trained k)")
     run = t_sub.add_parser("run", help="translate stdin or a file, one line per sentence")
     run.add_argument("--run-dir", required=True)
     run.add_argument("--input", default="-", help="file to translate (default: stdin)")
@@ -297,7 +301,7 @@ def run_translate(args):
         print(json.dumps(summary, indent=2))
     elif command == "evaluate":
         print(json.dumps(translate_train.evaluate(
-            args.run_dir, args.src, args.refs, args.beam_width, args.average, args.out),
+            args.run_dir, args.src, args.refs, args.beam_width, args.average, args.out, args.k),
             indent=2))
     elif command == "run":
         stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
@@ -344,7 +348,7 @@ def run_lm(args):
         summary.update({"valid": results["valid"]} if "valid" in results else results)
         print(json.dumps(summary, indent=2))
     elif args.lm_command == "evaluate":
-        print(json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format), indent=2))
+        print(json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format, args.k), indent=2))
     else:
         from keras_moe.models import presets
 

@@ -36,6 +36,7 @@ per-word perplexity over whole files.
 """
 
 import itertools
+import time
 
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
@@ -46,6 +47,7 @@ from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
 from keras_moe.pipelines.training import trainer
 from keras_moe.pipelines.training.rundir import RunDir
+from keras_moe.pools import set_inference_k
 from keras_moe.statistics import RoutingStatistics
 
 CONVENTION = (
@@ -259,26 +261,32 @@ def load_run(run_dir):
     return trainer.load_run(TASK, run_dir)
 
 
-def evaluate(run_dir, data, format=None):
+def evaluate(run_dir, data, format=None, k=None):
     """Per-word perplexity of a run's model on the corpus `data`.
 
     Args:
         run_dir: a directory written by `train`.
         data: file, glob or directory (or what `format` expects).
         format: corpus format; default the run's `data.format`.
+        k: None (the trained k), or an int: evaluate the MoE layers at `k`
+            experts per position (`keras_moe.set_inference_k`).
 
     Returns:
         dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
-        `data` and `model`.
+        `tokens_per_second` (of the evaluation pass), `k`, `data` and `model`.
     """
     config, vocab, model, model_path = load_run(run_dir)
+    if k is not None:
+        set_inference_k(model, k)
     data_config = config_lib.from_dict(
         type(config.data), {**config_lib.to_dict(config.data), "test": data,
                             "format": format or config.data.format}
     )
     factory = lines_factory(data_config, "test")
     next(iter(factory()))  # a missing or empty corpus fails here, naming the file
+    start = time.perf_counter()
     result = evaluate_lines(model, factory, vocab, data_config, routing=True)
+    result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - start)
     if not result["routing"]:
         del result["routing"]  # a model without MoE blocks
-    return {**result, "data": data, "model": model_path}
+    return {**result, "k": k, "data": data, "model": model_path}

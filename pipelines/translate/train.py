@@ -40,6 +40,7 @@ validation BLEU, and the final scores of the (checkpoint-averaged) model.
 
 import json
 import os
+import time
 
 import keras
 import numpy as np
@@ -66,6 +67,7 @@ from keras_moe.pipelines.translate.evaluation import (  # noqa: F401
     translate_ids,
     translate_lines,
 )
+from keras_moe.pools import set_inference_k
 
 
 def check_inputs(config):
@@ -229,7 +231,7 @@ def load_run(run_dir, average=None):
     return config, vocab, averaged_model(model, run_dir, average), model_path
 
 
-def evaluate(run_dir, source, references, beam_width=None, average=None, out=None):
+def evaluate(run_dir, source, references, beam_width=None, average=None, out=None, k=None):
     """Translate `source` with a run's model and score it against `references`.
 
     Args:
@@ -240,11 +242,15 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
         average: checkpoint averaging (see `load_run`).
         out: hypotheses file (default `run_dir/eval/<source name>.hyp`); the
             scores are written next to it as `.json`.
+        k: None (the trained k), or an int: decode and score with the MoE
+            layers at `k` experts per position (`keras_moe.set_inference_k`).
 
     Returns:
         dict with `bleu`, `bleu_signature`, `bleu_tokenized`,
         `bleu_tokenized_convention`, `chrf`, `chrf_signature`, `perplexity`
-        (against the first reference), `hypotheses_file` and more.
+        (against the first reference), `hypotheses_file`, `k`,
+        `sentences_per_second` (decoding) and `tokens_per_second` (the scoring
+        pass over the reference tokens) and more.
     """
     if not references:
         raise ValueError("`references` must name at least one reference file")
@@ -256,19 +262,26 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
                 f"{source} has {len(sources)} sentences but {path} has {len(stream)}"
             )
     config, vocab, model, model_path = load_run(run_dir, average)
+    if k is not None:
+        set_inference_k(model, k)
     d = config.decode
     beam = d.beam_width if beam_width is None else beam_width
+    start = time.perf_counter()
     hypotheses = translate_lines(model, vocab, sources, d, config.data.eval_batch_size, beam)
+    decoding_seconds = time.perf_counter() - start
     out = out or RunDir.wrap(run_dir).eval_hypotheses(source)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         f.write("".join(h + "\n" for h in hypotheses))
     scores = scoring.score(hypotheses, streams, target_language=config.data.target_language)
+    start = time.perf_counter()
     result = evaluate_pairs(model, vocab, list(zip(sources, streams[0], strict=True)),
                             config.data.eval_batch_size, routing=True)
+    result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - start)
+    result["sentences_per_second"] = len(sources) / decoding_seconds
     if not result["routing"]:
         del result["routing"]
-    result = {**scores, **result, "beam_width": beam, "source": source,
+    result = {**scores, **result, "k": k, "beam_width": beam, "source": source,
               "references": list(references), "hypotheses_file": out, "model": model_path}
     with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
