@@ -80,6 +80,70 @@ def all_experts(x, w_in, b_in, w_out, b_out):
     return y, pre
 
 
+def masked(logits, logits_mask):
+    """`logits` with `-inf` where `logits_mask` is False (no mask: unchanged)."""
+    logits = np.asarray(logits, np.float64)
+    return logits if logits_mask is None else np.where(logits_mask, logits, -np.inf)
+
+
+def normal_cdf(z):
+    return 0.5 * np.vectorize(math.erfc)(-np.asarray(z, np.float64) / math.sqrt(2.0))
+
+
+def smooth_load(clean, noisy, std, k):
+    """Eq. 8-9 by a loop: `P(x, i) = Phi((clean_i - kth of the others' noisy) / std_i)`.
+
+    Entries of `noisy` at `-inf` (outside a pool) get probability 0; when
+    fewer than k others are finite the threshold is `-inf` (probability 1).
+    """
+    n, e = np.shape(noisy)
+    out = np.zeros((n, e))
+    for t in range(n):
+        for i in range(e):
+            if not np.isfinite(noisy[t, i]):
+                continue
+            others = np.sort(np.delete(noisy[t], i))[::-1]
+            threshold = others[k - 1]
+            out[t, i] = 1.0 if not np.isfinite(threshold) else normal_cdf(
+                (clean[t, i] - threshold) / std[t, i])
+    return out
+
+
+# ----------------------------------------------------- document pools ---
+
+
+def document_pools(logits, documents, pool_size, weight=None):
+    """Each document's pool by a loop (EMO): `({document id: experts [P]}, gaps)`.
+
+    The pool is the top `pool_size` experts by the mean over the document's
+    non-masked rows (`weight > 0`) of the softmax of `logits` (ties: lower
+    expert first, as `tf.math.top_k`; a document without rows: all zero).
+    `gaps[doc]` is the P-th minus the (P+1)-th mean probability: a near tie
+    there may be broken differently in float32, so tests skip such documents.
+    """
+    probs = softmax(logits)
+    documents = np.asarray(documents).reshape(-1)
+    weight = np.ones(len(documents)) if weight is None else np.asarray(weight).reshape(-1)
+    pools, gaps = {}, {}
+    for doc in dict.fromkeys(documents.tolist()):
+        rows = (documents == doc) & (weight > 0)
+        mean = probs[rows].mean(axis=0) if rows.any() else np.zeros(probs.shape[1])
+        order = np.argsort(-mean, kind="stable")
+        pools[doc] = order[:pool_size]
+        ranked = mean[order]
+        gaps[doc] = np.inf if pool_size >= len(mean) else ranked[pool_size - 1] - ranked[pool_size]
+    return pools, gaps
+
+
+def pool_mask(documents, pools, num_experts):
+    """bool `[N, E]`: the experts of each row's document pool."""
+    documents = np.asarray(documents).reshape(-1)
+    mask = np.zeros((len(documents), num_experts), bool)
+    for n, doc in enumerate(documents.tolist()):
+        mask[n, pools[doc]] = True
+    return mask
+
+
 # --------------------------------------------------------- MoE reference ---
 
 
@@ -89,7 +153,7 @@ def expert_weights(layer):
     return tuple(as_np(v) for v in (ex.w_in, ex.b_in, ex.w_out, ex.b_out))
 
 
-def moe_reference(x, w_gate, w_in, b_in, w_out, b_out, k, keep=None):
+def moe_reference(x, w_gate, w_in, b_in, w_out, b_out, k, keep=None, logits_mask=None):
     """Dense MoE output `y = sum_e G(x)_e E_e(x)` for x of any rank `[..., d]`.
 
     Args:
@@ -99,6 +163,8 @@ def moe_reference(x, w_gate, w_in, b_in, w_out, b_out, k, keep=None):
         k: experts per token.
         keep: optional bool `[N, k]`: pairs set False contribute nothing
             (capacity drops; the other gates are not renormalised).
+        logits_mask: optional bool `[N, E]`: experts set False are never
+            chosen (document pools: top-k and softmax over the rest).
 
     Returns:
         dict with `y [..., out]`, `indices [N, k]`, `gates [N, k]`,
@@ -108,7 +174,7 @@ def moe_reference(x, w_gate, w_in, b_in, w_out, b_out, k, keep=None):
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     logits = flat @ w_gate
-    idx, gates = top_k_gates(logits, k)
+    idx, gates = top_k_gates(masked(logits, logits_mask), k)
     applied = gates if keep is None else np.where(keep, gates, 0.0)
     dense = dense_gates(idx, applied, w_gate.shape[1])
     expert_out, _ = all_experts(flat, w_in, b_in, w_out, b_out)
@@ -118,17 +184,19 @@ def moe_reference(x, w_gate, w_in, b_in, w_out, b_out, k, keep=None):
     )
 
 
-def moe_reference_gradients(x, w_gate, w_in, b_in, w_out, b_out, k, r):
+def moe_reference_gradients(x, w_gate, w_in, b_in, w_out, b_out, k, r, logits_mask=None):
     """Analytic gradients of `L = sum(y * r)` for the dense reference (flat `x [N, d]`).
 
     The top-k selection is piecewise constant; the softmax over the kept
     logits is differentiated exactly, so `x` and `w_gate` also receive the
-    gate path. Returns a dict keyed `x, w_gate, w_in, b_in, w_out, b_out`.
+    gate path. `logits_mask` (bool `[N, E]`, document pools) is a constant:
+    the kept logits are chosen among its True entries and nothing flows
+    through that choice. Returns a dict keyed `x, w_gate, w_in, b_in, w_out, b_out`.
     """
     x = np.asarray(x, np.float64)
     r = np.asarray(r, np.float64)
     logits = x @ w_gate
-    idx, gates = top_k_gates(logits, k)
+    idx, gates = top_k_gates(masked(logits, logits_mask), k)
     dense = dense_gates(idx, gates, w_gate.shape[1])  # [N, E]
     expert_out, pre = all_experts(x, w_in, b_in, w_out, b_out)
     hidden = relu(pre)  # [N, E, h]
