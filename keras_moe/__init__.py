@@ -10,10 +10,10 @@ from keras_moe.expert_optimizer import ExpertParallelOptimizer
 from keras_moe.experts import FeedForwardExperts
 from keras_moe.gating import NoisyTopKGating, SoftmaxGating, SwitchGating
 from keras_moe.hierarchical import HierarchicalGating, HierarchicalMoE
+from keras_moe.inference_k import set_inference_k
 from keras_moe.moe import MoE
 from keras_moe.monitoring import RoutingMonitor
 from keras_moe.optimizers import FactoredAdam
-from keras_moe.pools import set_inference_k
 from keras_moe.routing import GateDecision, Routing
 
 __version__ = "0.1.0"

@@ -37,7 +37,8 @@ rows). Masked positions count in no document's mean. In training
 `pool_size_range=(low, high)` draws `P` uniformly from `[low, high]` once
 per call (seeded by the layer's `seed`); inference uses `pool_size`.
 
-**Inference-time k.** `set_inference_k(model_or_layer, k)` makes the MoE
+**Inference-time k.** `keras_moe.set_inference_k(model_or_layer, k)`
+(keras_moe/inference_k.py) makes the MoE
 layers of a model trained with `k` route `k'` experts per position in
 calls with `training=False` (evaluate, predict, decoding): the top `k'`
 logits and the softmax over those `k'` (Eq. 3), so `k' = k` is the trained
@@ -187,11 +188,15 @@ class RoutingOptions:
 
     @inference_k.setter
     def inference_k(self, k):
-        self._gate_k_arguments(k)  # validates
+        self.inference_k_arguments(k)  # validates
         self._inference_k = k
 
-    def _gate_k_arguments(self, k):
-        """The gate's call arguments routing `k` experts per position (validates `k`)."""
+    def inference_k_arguments(self, k):
+        """The gate's call arguments that route `k` experts per position.
+
+        Raises `ValueError` naming `k` when the layer cannot route it (see
+        `keras_moe.set_inference_k`); `k=None` gives `{}` (the trained k).
+        """
         if k is None:
             return {}
         check_int("k", k)
@@ -227,7 +232,7 @@ class RoutingOptions:
 
     def _gate_options(self, tokens, training, document_ids):
         """`(extra gate call arguments, Pools or None)` of one call."""
-        options = {} if training else self._gate_k_arguments(self._inference_k)
+        options = {} if training else self.inference_k_arguments(self._inference_k)
         if self.pool_size is None:
             if document_ids is not None:
                 raise ValueError(
@@ -307,56 +312,3 @@ class RoutingOptions:
         index = tf.reshape(pools.document_index, tf.shape(routing.expert_indices)[:-1])
         index.set_shape(lead)
         return routing._replace(pools=experts, document_index=index)
-
-
-def set_inference_k(model_or_layer, k):
-    """Evaluate a model trained with `k` at `k'` experts per position.
-
-    Every MoE layer of `model_or_layer` (found by
-    `keras_moe.monitoring.find_moe_layers`; or the layer itself) routes
-    each position to its top `k'` experts in calls with `training=False`,
-    with gates `Softmax(KeepTopK(H(x), k'))` (Eq. 3: the softmax over the
-    `k'` kept logits). Training calls keep the trained `k`. `k=None`
-    restores the trained `k`. For `HierarchicalMoE`, `k'` must be a multiple
-    of `k_secondary` and sets the groups per position to `k' / k_secondary`.
-    With document pools, `k' <= pool_size`. The setting is not saved.
-
-    A model's cached `predict` and `evaluate` functions are dropped, so the
-    next call retraces them with `k'`; functions traced elsewhere (a
-    `tf.function` of your own) keep the `k` they were traced with.
-
-    Args:
-        model_or_layer: a Keras model, or an MoE layer.
-        k: int `1 <= k' <= num_experts`, or None.
-
-    Returns:
-        The list of MoE layers changed.
-
-    Raises:
-        ValueError: no MoE layer, or a `k'` a layer cannot route (its gating
-            must be `"noisy_top_k"`, `"top_k"` or `"softmax"`, or
-            hierarchical). Nothing is changed then.
-
-    Example:
-
-    >>> layer = keras_moe.MoE(num_experts=8, expert_hidden_dim=16, k=4)
-    >>> _ = keras_moe.set_inference_k(layer, 1)
-    >>> layer(tf.random.normal([2, 3, 12]), return_routing=True)[1].gates.shape
-    TensorShape([2, 3, 1])
-    """
-    from keras_moe.monitoring import find_moe_layers
-
-    layers = find_moe_layers(model_or_layer)
-    if not layers:
-        raise ValueError(
-            f"`model_or_layer` holds no MoE layer. Received: {type(model_or_layer).__name__} "
-            f"{getattr(model_or_layer, 'name', '')!r}"
-        )
-    for layer in layers:  # all checked before any is changed
-        layer._gate_k_arguments(k)
-    for layer in layers:
-        layer.inference_k = k
-    if isinstance(model_or_layer, keras.Model):
-        model_or_layer.predict_function = None
-        model_or_layer.test_function = None
-    return layers

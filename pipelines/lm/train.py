@@ -38,6 +38,7 @@ per-word perplexity over whole files.
 import itertools
 import time
 
+from keras_moe.inference_k import set_inference_k
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data import lm_corpora, shards
@@ -47,7 +48,6 @@ from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
 from keras_moe.pipelines.training import trainer
 from keras_moe.pipelines.training.rundir import RunDir
-from keras_moe.pools import set_inference_k
 from keras_moe.statistics import RoutingStatistics
 
 CONVENTION = (

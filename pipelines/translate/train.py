@@ -45,6 +45,7 @@ import time
 import keras
 import numpy as np
 
+from keras_moe.inference_k import set_inference_k
 from keras_moe.models import translation_presets
 from keras_moe.pipelines.data import parallel_corpora
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
@@ -67,7 +68,6 @@ from keras_moe.pipelines.translate.evaluation import (  # noqa: F401
     translate_ids,
     translate_lines,
 )
-from keras_moe.pools import set_inference_k
 
 
 def check_inputs(config):
