@@ -39,6 +39,7 @@ def set_inference_k(model_or_layer, k):
 
     Example:
 
+    >>> import keras_moe, tensorflow as tf
     >>> layer = keras_moe.MoE(num_experts=8, expert_hidden_dim=16, k=4)
     >>> _ = keras_moe.set_inference_k(layer, 1)
     >>> layer(tf.random.normal([2, 3, 12]), return_routing=True)[1].gates.shape

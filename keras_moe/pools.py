@@ -43,6 +43,19 @@ layers of a model trained with `k` route `k'` experts per position in
 calls with `training=False` (evaluate, predict, decoding): the top `k'`
 logits and the softmax over those `k'` (Eq. 3), so `k' = k` is the trained
 model. Training calls keep the trained `k`.
+
+Example:
+
+>>> import keras_moe
+>>> layer = keras_moe.MoE(num_experts=8, expert_hidden_dim=16, k=2, pool_size=4,
+...                       pool_by="document_ids")
+>>> x = tf.random.normal([2, 6, 12])
+>>> documents = [[0, 0, 0, 1, 1, 1], [1, 1, 2, 2, 2, 2]]
+>>> y, routing = layer(x, document_ids=documents, return_routing=True)
+>>> routing.pools.shape  # 3 documents, 4 experts each
+TensorShape([3, 4])
+>>> routing.document_index.numpy().tolist()
+[[0, 0, 0, 1, 1, 1], [1, 1, 2, 2, 2, 2]]
 """
 
 from typing import NamedTuple

@@ -17,6 +17,8 @@ MODULES = [
     "keras_moe.moe",
     "keras_moe.hierarchical",
     "keras_moe.batchwise",
+    "keras_moe.pools",
+    "keras_moe.inference_k",
     "keras_moe.monitoring",
     "keras_moe.statistics",
     "keras_moe.pipelines.inspection.routes",
