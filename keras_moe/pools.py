@@ -184,6 +184,9 @@ class RoutingOptions:
         self.pool_size, self.pool_size_range, self.pool_by = pool_size, pool_size_range, pool_by
         self._pool_units = (num_units, k_units, experts_per_unit)
         self._inference_k = None
+        if pool_size is not None and (pool_by == "document_ids" or pool_size_range is not None):
+            # `tf.unique` and a drawn top-P have data-dependent shapes (no XLA).
+            self.supports_jit = False
         if pool_size_range is not None:
             seed = None if self.seed is None else self.seed + 13
             self.pool_seed_generator = keras.random.SeedGenerator(seed)

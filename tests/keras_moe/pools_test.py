@@ -388,3 +388,17 @@ def test_config_round_trip_and_keras_file_keep_the_pools(tmp_path):
         np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-6)
         y, routing = inner(x, return_routing=True)
         assert routing.pools.shape[0] == 4
+
+
+def test_document_ids_flow_through_a_functional_model():
+    rng = np.random.default_rng(12)
+    layer = make(keras_moe.MoE, 8, 4, k=2, pool_size=3, pool_by="document_ids", rng=rng)
+    x, ids = keras.Input((5, D)), keras.Input((5,), dtype="int32")
+    model = keras.Model([x, ids], layer(x, document_ids=ids))
+    data = normal(rng, 2, 5, D)
+    documents = np.array([[0, 0, 1, 1, 1], [1, 1, 2, 2, 2]], "int32")
+    np.testing.assert_array_equal(model([data, documents]).numpy(),
+                                  layer(data, document_ids=documents).numpy())
+    # Other documents, other pools, other outputs.
+    other = model([data, np.zeros_like(documents)]).numpy()
+    assert not np.allclose(other, model([data, documents]).numpy())
