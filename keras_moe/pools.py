@@ -7,13 +7,15 @@ probability
 
     pbar_D = (1 / |D|) sum_{x in D, x not masked} Softmax(x W_g)
 
-(the softmax over all experts of the *clean* logits `x W_g`: no noise for
-`gating="noisy_top_k"`; the router probabilities for `"switch"`; for
-`HierarchicalMoE` the primary gate's clean logits, so pools are made of
-groups, see there). Each token then applies its layer's usual gating with
-the logits outside its document's pool set to `keras_moe.gating.MASKED_LOGIT`
-before the
-top-k and the softmax, so
+(the softmax over all experts of the *clean* logits `x W_g`: without the
+noise for `gating="noisy_top_k"`, as for `"top_k"`; the router
+probabilities for `"switch"`, whose router softmax is then taken over the
+pool; `"softmax"` mixes all experts, so only `P = E` is possible there;
+`"batchwise"` has no pools. For `HierarchicalMoE`, the primary gate's
+clean logits: pools are made of groups, see there). Each token then
+applies its layer's usual gating with the logits outside its document's
+pool set to `keras_moe.gating.MASKED_LOGIT` before the top-k and the
+softmax, so
 
     G(x) = Softmax(KeepTopK(H(x) + M_pool(x), k)),  M_pool(x)_i = 0 if i in
     pool(x) else -inf,
