@@ -98,11 +98,22 @@ def select(run_dir, data, keep=0.25, out=None, **options):
     """
     _check_fraction("keep", keep)
 
+    def check(run):
+        # Before any routing: a subset smaller than k is refused at once.
+        for layer in find_moe_layers(run.model):
+            n = max(1, int(round(keep * layer.num_experts)))
+            if n < layer.k:
+                raise ValueError(
+                    f"--keep {keep} keeps {n} of the {layer.num_experts} experts of layer "
+                    f"{layer.name!r}, which routes each token to k={layer.k}; keep at least "
+                    f"{layer.k / layer.num_experts:.3g}")
+
     def transform(run, sample, usage):
         kept = top_experts(usage, keep)
         return surgery.subset_model(run.model, kept), {"kept": kept}
 
-    return _operate("select", run_dir, data, out, transform, {"keep": keep}, **options)
+    return _operate("select", run_dir, data, out, transform, {"keep": keep}, check=check,
+                    **options)
 
 
 def prune(run_dir, data, threshold, out=None, **options):
@@ -139,10 +150,14 @@ def merge(run_dir, data, similarity=0.9, mode="average", gate="busier", out=None
 
 
 def _operate(command, run_dir, data, out, transform, settings, target=None, max_documents=100,
-             eval_data=None, eval_target=None, measure_rss=False, quiet=False):
+             eval_data=None, eval_target=None, measure_rss=False, quiet=False, check=None):
+    """Load, measure, `transform(run, sample, usage) -> (model, details)`, save, measure."""
     if out is None:
         raise ValueError("--out: name the new run directory")
+    runs.check_out(out)
     run = runs.load(run_dir)
+    if check is not None:
+        check(run)
     sample = runs.read_sample(run, data, target, max_documents)
     evaluation = sample
     if eval_data is not None:

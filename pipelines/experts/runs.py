@@ -130,6 +130,14 @@ def sample_rows(run, sample, batches=SAMPLE_BATCHES):
     return {name: r["rows"] for name, r in surgery.record_routing(run.model, call).items()}
 
 
+def check_out(out):
+    """`out` as a path; FileExistsError naming `--out` when it exists and is not empty."""
+    out = os.fspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new directory")
+    return out
+
+
 def save_run(run, model, out):
     """Write `out` as a run directory of `model`: config.yaml, the vocabulary, model.keras.
 
@@ -140,9 +148,7 @@ def save_run(run, model, out):
     Raises:
         FileExistsError: naming `out` when it exists and is not empty.
     """
-    out = os.fspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"--out {out}: exists and is not empty; choose a new directory")
+    out = check_out(out)
     target = RunDir(out)
     target.makedirs()
     experts = find_moe_layers(model)[0].num_experts

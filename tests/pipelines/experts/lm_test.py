@@ -21,10 +21,12 @@ from tests.pipelines.lm.train_test import TINY, write_corpus
 E, DIM = 8, 16
 
 
-@pytest.fixture(autouse=True)
-def in_process(monkeypatch):
+@pytest.fixture(scope="module", autouse=True)
+def in_process():
     """`cli.main` runs here instead of re-executing itself with its environment."""
-    monkeypatch.setenv("KERAS_MOE_NO_REEXEC", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_MOE_NO_REEXEC", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_cli_errors_exit_2_with_one_line_naming_the_argument(lm_run, tmp_path, c
     cases = [
         (["select", "--keep", "2"], "--keep"),
         (["select", "--data", str(tmp_path / "missing.txt")], "missing.txt"),
-        (["select", "--keep", "0.1"], "k=2"),  # 1 expert left but k = 2
+        (["select", "--keep", "0.1"], "k=2"),  # 1 expert left but k = 2: refused at once
         (["prune", "--threshold", "0.99"], "threshold"),
         (["merge", "--similarity", "3"], "--similarity"),
     ]
@@ -191,7 +193,7 @@ def test_heatmap_counts_match_the_forced_routing_and_files_are_valid(lm_run, for
     assert "<table" in page and "expert 0" in page and "news" in page
     assert "data:image/png;base64," in page
     # `inspect --domain` lists each expert's top domains from the same counts.
-    report = inspect_run(forced_run, valid, out=str(tmp_path / "i.html"), quiet=True,
+    report = inspect_run(forced_run, valid, out=str(tmp_path / "i.html"), quiet=True, max_lines=4,
                          domains=[f"valid={valid}", f"news={news}"])
     tops = report["domains"]["top_domains"]["moe"]
     shares = np.asarray(result["layers"]["moe"]["shares"])
