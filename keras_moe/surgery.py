@@ -154,6 +154,9 @@ def _new_values(layer, groups, counts=None, mode="busier", gate="busier"):
 def _check_k(config, n, where):
     """`config` (a dict holding `num_experts`) with `num_experts = n` and a valid `k`."""
     config = dict(config, num_experts=n)
+    # A document pool cannot be larger than the experts there are.
+    if isinstance(config.get("pool_size"), int) and config["pool_size"] > n:
+        config["pool_size"] = n
     if config.get("gating") == "softmax":
         config["k"] = n  # a dense mixture uses every expert it has
     elif "k" in config and config["k"] is not None and config["k"] > n:
