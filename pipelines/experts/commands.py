@@ -161,7 +161,8 @@ def _operate(command, run_dir, data, out, transform, settings, target=None, max_
     sample = runs.read_sample(run, data, target, max_documents)
     evaluation = sample
     if eval_data is not None:
-        evaluation = runs.read_sample(run, eval_data, eval_target, max_documents=10**9)
+        evaluation = runs.read_sample(run, eval_data, eval_target, max_documents=10**9,
+                                      target_flag="--eval-target")
     measured = runs.measure(run, run.model, sample)
     before = measured if evaluation is sample else runs.measure(run, run.model, evaluation)
     usage = measured["usage"]

@@ -67,15 +67,18 @@ class Sample:
     pairs: list = None
 
 
-def read_sample(run, data, target=None, max_documents=100):
-    """The first `max_documents` documents of `data` (and `target`) for `run`."""
+def read_sample(run, data, target=None, max_documents=100, target_flag="--target"):
+    """The first `max_documents` documents of `data` (and `target`) for `run`.
+
+    `target_flag` is how an error names the missing target side.
+    """
     if run.kind == "lm":
         documents = read_documents(data, max_documents)
         return Sample(len(documents), lines=[line for doc in documents for line in doc])
     if target is None:
         raise ValueError(
-            "--target: a translation run needs the target side of --data (the decoder's "
-            "routing and the perplexity need the reference)"
+            f"{target_flag}: a translation run needs the target side of its text (the "
+            "decoder's routing and the perplexity need the reference)"
         )
     sources = parallel_corpora.read_sentences(data)
     targets = parallel_corpora.read_sentences(target)

@@ -261,3 +261,23 @@ def test_docstring_examples():
         runner.run(test)
     assert runner.failures == 0 and runner.tries >= 5
     assert tf.executing_eagerly()
+
+
+@pytest.mark.parametrize("gating,k", [("batchwise", 2), ("switch", 1), ("softmax", 6)])
+def test_every_gate_is_sliced_and_a_dense_mixture_keeps_all_it_has(gating, k):
+    layer = built_layer(6, k=k, gating=gating)
+    keep = [5, 0, 2]
+    small = surgery.subset_layer(layer, keep)
+    assert small.gating_type == gating
+    assert small.k == (3 if gating == "softmax" else k)
+    for old, new in zip(layer.gating.weights, small.gating.weights, strict=True):
+        np.testing.assert_array_equal(new, np.take(old.numpy(), keep, axis=-1))
+    x = np.random.default_rng(9).normal(size=(16, D)).astype("float32")
+    _, routing = small(x, return_routing=True)
+    assert set(np.unique(routing.expert_indices)) <= {-1, 0, 1, 2}
+    if gating == "softmax":  # the dense mixture of the kept experts, by NumPy
+        expected = sliced_reference(layer, x, keep)
+        w_in, b_in, w_out, b_out = ref.expert_weights(layer)
+        y, _ = ref.all_experts(x, w_in[keep], b_in[keep], w_out[keep], b_out[keep])
+        gates = ref.softmax(expected["logits"])
+        np.testing.assert_allclose(small(x), np.einsum("ne,neo->no", gates, y), atol=1e-5)
