@@ -1,4 +1,4 @@
-"""Expert surgery: keep a subset of an MoE's experts, prune idle ones, merge near-duplicates.
+"""Expert surgery: keep a subset of an MoE's experts, prune idle ones (merging: `merging`).
 
 A trained `keras_moe.MoE` holds every expert in stacked variables; the
 functions here build a *new* layer (or a whole new model) of the same class
@@ -20,9 +20,8 @@ Eq. 3-5 with `E` the kept experts); the rest of the model is copied as is.
   listed experts, in the listed order;
 - `prune_layer` / `prune_model`: drop experts whose usage share (their
   routed pairs over all routed pairs) is below a threshold;
-- `merge_layer` / `merge_model`: merge experts whose outputs on sample
-  rows are near-duplicates (cosine similarity), averaging their weights
-  or keeping the busier expert's;
+- `regroup_layer` / `regroup_model`: each new expert made of a group of
+  old ones, what `keras_moe.merging` builds its merged experts with;
 - `record_routing(model, run)`: each MoE layer's per-expert counts and
   input rows over eager calls of the model, what pruning and merging need.
 
@@ -56,7 +55,8 @@ GATE_MODES = ("busier", "mean")
 # --- which variables hold experts ---------------------------------------------
 
 
-def _check_flat(layer):
+def check_flat(layer):
+    """ValueError unless `layer` is a built flat `keras_moe.MoE` (not hierarchical)."""
     if isinstance(layer, HierarchicalMoE):
         raise ValueError(
             f"expert surgery supports flat keras_moe.MoE layers; layer {layer.name!r} is a "
@@ -82,7 +82,7 @@ def per_expert_variables(layer):
             of the layer outside its experts and gate whose shape mentions
             `num_experts` (it would not be known how to slice it).
     """
-    _check_flat(layer)
+    check_flat(layer)
     table = {}
     for variable in layer.experts.weights:
         table[id(variable)] = (0, "expert")
@@ -167,7 +167,14 @@ def _check_k(config, n, where):
     return config
 
 
-def _rebuilt_layer(layer, groups, counts=None, mode="busier", gate="busier"):
+def regroup_layer(layer, groups, counts=None, mode="busier", gate="busier"):
+    """A new `MoE` whose expert `i` is made of the old experts `groups[i]`.
+
+    A group of one expert takes that expert's slices; a larger group is
+    combined as `keras_moe.merging.merge_layer` documents (`mode` for the
+    feed-forward weights, `gate` for the gate columns, `counts` to find the
+    busier member).
+    """
     values = _new_values(layer, groups, counts, mode, gate)
     config = _check_k(layer.get_config(), len(groups), f"MoE layer {layer.name!r}")
     new = type(layer).from_config(config)
@@ -205,15 +212,16 @@ def subset_layer(layer, keep):
     >>> subset_layer(layer, [3, 0]).experts.w_in.shape
     TensorShape([2, 2, 3])
     """
-    _check_flat(layer)
+    check_flat(layer)
     keep = _check_keep(keep, layer.num_experts)
-    return _rebuilt_layer(layer, [[e] for e in keep])
+    return regroup_layer(layer, [[e] for e in keep])
 
 
 # --- whole models -----------------------------------------------------------------
 
 
-def _moe_layers(model):
+def moe_layers(model):
+    """The flat `MoE` layers of `model` (ValueError when none, or one is hierarchical)."""
     layers = find_moe_layers(model)
     if not layers:
         raise ValueError(f"model {model.name!r} has no MoE layer")
@@ -221,7 +229,7 @@ def _moe_layers(model):
     if len(set(names)) != len(names):
         raise ValueError(f"model {model.name!r} has MoE layers of the same name: {names}")
     for layer in layers:
-        _check_flat(layer)
+        check_flat(layer)
     return layers
 
 
@@ -242,8 +250,12 @@ def _with_experts(config, n, path="config"):
     return config
 
 
-def _rebuilt_model(model, plans, counts=None, mode="busier", gate="busier"):
-    """`model` rebuilt with each MoE layer's experts replaced by `plans[name]` groups."""
+def regroup_model(model, plans, counts=None, mode="busier", gate="busier"):
+    """`model` rebuilt with each MoE layer's experts replaced by `plans[name]` groups.
+
+    `regroup_layer` for every MoE layer at once; `counts` is `{layer name:
+    [E]}` or None. Every plan must have the same number of groups.
+    """
     sizes = {len(groups) for groups in plans.values()}
     if len(sizes) != 1:
         raise ValueError(
@@ -252,7 +264,7 @@ def _rebuilt_model(model, plans, counts=None, mode="busier", gate="busier"):
         )
     n = sizes.pop()
     values = {}
-    for layer in _moe_layers(model):
+    for layer in moe_layers(model):
         layer_counts = None if counts is None else counts.get(layer.name)
         values.update(_new_values(layer, plans[layer.name], layer_counts, mode, gate))
     new = type(model).from_config(_with_experts(model.get_config(), n))
@@ -296,7 +308,7 @@ def subset_model(model, keep):
             lists of different lengths, unknown or missing layer names,
             hierarchical layers).
     """
-    layers = _moe_layers(model)
+    layers = moe_layers(model)
     if isinstance(keep, dict):
         unknown = set(keep) - {layer.name for layer in layers}
         missing = [layer.name for layer in layers if layer.name not in keep]
@@ -309,7 +321,7 @@ def subset_model(model, keep):
                                          f"keep[{layer.name!r}]") for layer in layers}
     else:
         plans = {layer.name: _check_keep(keep, layer.num_experts) for layer in layers}
-    return _rebuilt_model(model, {name: [[e] for e in kept] for name, kept in plans.items()})
+    return regroup_model(model, {name: [[e] for e in kept] for name, kept in plans.items()})
 
 
 # --- usage: pruning ---------------------------------------------------------------
@@ -322,7 +334,8 @@ def usage_share(counts):
     return counts / total if total > 0 else np.zeros_like(counts)
 
 
-def _check_threshold(name, value, low=0.0, high=1.0):
+def check_threshold(name, value, low=0.0, high=1.0):
+    """ValueError naming `name` unless `value` is a number in `[low, high]`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"`{name}` must be a number in [{low}, {high}]. Received: {name}={value!r}")
 
@@ -335,7 +348,7 @@ def prune_keep(counts, threshold):
     >>> prune_keep([10, 0, 5, 1], threshold=0.1)
     [0, 2]
     """
-    _check_threshold("threshold", threshold)
+    check_threshold("threshold", threshold)
     share = usage_share(counts)
     return [int(e) for e in np.flatnonzero(share >= threshold)]
 
@@ -352,15 +365,16 @@ def prune_layer(layer, counts, threshold):
     Returns:
         `(new layer, kept indices)`.
     """
-    _check_flat(layer)
-    counts = _check_counts(counts, layer)
+    check_flat(layer)
+    counts = check_counts(counts, layer)
     keep = prune_keep(counts, threshold)
     if not keep:
         raise ValueError(f"`threshold`={threshold} removes every expert of layer {layer.name!r}")
     return subset_layer(layer, keep), keep
 
 
-def _check_counts(counts, layer):
+def check_counts(counts, layer):
+    """`counts` as float64 `[E]`; ValueError naming the layer when it has another size."""
     counts = np.asarray(counts, np.float64).reshape(-1)
     if counts.shape != (layer.num_experts,):
         raise ValueError(
@@ -387,9 +401,9 @@ def prune_model(model, counts, threshold):
     Returns:
         `(new model, {layer name: kept indices, in index order}}`.
     """
-    layers = _moe_layers(model)
-    _check_threshold("threshold", threshold)
-    counts = {layer.name: _check_counts(_layer_entry(counts, layer, "counts"), layer)
+    layers = moe_layers(model)
+    check_threshold("threshold", threshold)
+    counts = {layer.name: check_counts(layer_entry(counts, layer, "counts"), layer)
               for layer in layers}
     n = max(len(prune_keep(counts[layer.name], threshold)) for layer in layers)
     if n == 0:
@@ -401,161 +415,11 @@ def prune_model(model, counts, threshold):
     return subset_model(model, keep), keep
 
 
-def _layer_entry(mapping, layer, what):
+def layer_entry(mapping, layer, what):
+    """`mapping[layer.name]`; ValueError naming `what` and the layer when missing."""
     if not isinstance(mapping, dict) or layer.name not in mapping:
         raise ValueError(f"`{what}` must have an entry for MoE layer {layer.name!r}")
     return mapping[layer.name]
-
-
-# --- similarity: merging ------------------------------------------------------------
-
-
-def expert_similarity(layer, rows):
-    """Cosine similarity `[E, E]` of the experts' outputs on the same rows.
-
-    Every expert is run on all `rows` (`[N, d]`, inference mode); expert
-    `i`'s outputs, flattened to one vector `o_i` of `N * out` numbers, give
-    `S_ij = <o_i, o_j> / (|o_i| |o_j|)` (0 where an expert outputs zeros).
-    """
-    _check_flat(layer)
-    rows = np.asarray(rows, np.float32)
-    if rows.ndim != 2 or rows.shape[0] < 1:
-        raise ValueError(f"`rows` must be [N >= 1, d]. Received shape {rows.shape}")
-    x = tf.broadcast_to(tf.constant(rows)[None], [layer.num_experts, *rows.shape])
-    out = np.asarray(layer.experts(x, training=False), np.float64).reshape(layer.num_experts, -1)
-    norms = np.linalg.norm(out, axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    unit = out / safe[:, None]
-    similarity = unit @ unit.T
-    similarity[norms == 0, :] = 0.0
-    similarity[:, norms == 0] = 0.0
-    np.fill_diagonal(similarity, 1.0)
-    return similarity
-
-
-def merge_clusters(similarity, threshold, max_merges=None):
-    """Groups of near-duplicate experts: complete-linkage clustering at `threshold`.
-
-    Starting from one cluster per expert, the two clusters whose *least*
-    similar members are the most similar are merged, as long as that
-    similarity is `>= threshold` (and at most `max_merges` times): every
-    two experts of a cluster are then at least `threshold` similar, so no
-    chain of small steps merges two different experts.
-
-    Returns:
-        list of clusters (sorted lists of expert indices), ordered by their
-        first expert.
-
-    Example:
-
-    >>> s = np.array([[1.0, 0.99, 0.1], [0.99, 1.0, 0.2], [0.1, 0.2, 1.0]])
-    >>> merge_clusters(s, 0.95)
-    [[0, 1], [2]]
-    """
-    similarity = np.asarray(similarity, np.float64)
-    _check_threshold("similarity", threshold, -1.0, 1.0)
-    clusters = [[i] for i in range(similarity.shape[0])]
-    linkage = similarity.copy()
-    np.fill_diagonal(linkage, -np.inf)
-    merges = 0
-    while len(clusters) > 1 and (max_merges is None or merges < max_merges):
-        a, b = np.unravel_index(np.argmax(linkage), linkage.shape)
-        if linkage[a, b] < threshold:
-            break
-        a, b = min(a, b), max(a, b)
-        clusters[a] = sorted(clusters[a] + clusters[b])
-        merged = np.minimum(linkage[a], linkage[b])
-        linkage[a, :], linkage[:, a] = merged, merged
-        linkage[a, a] = -np.inf
-        linkage = np.delete(np.delete(linkage, b, axis=0), b, axis=1)
-        del clusters[b]
-        merges += 1
-    return sorted(clusters, key=lambda c: c[0])
-
-
-def _check_merge_modes(mode, gate):
-    if mode not in MERGE_MODES:
-        raise ValueError(f"`mode` must be one of {MERGE_MODES}. Received: mode={mode!r}")
-    if gate not in GATE_MODES:
-        raise ValueError(f"`gate` must be one of {GATE_MODES}. Received: gate={gate!r}")
-
-
-def merge_layer(layer, rows, counts, similarity=0.95, mode="average", gate="busier",
-                max_merges=None):
-    """A new `MoE` in which each cluster of near-duplicate experts is one expert.
-
-    Clusters are `merge_clusters(expert_similarity(layer, rows),
-    similarity)`. A cluster becomes one expert:
-
-    - `mode="average"`: its feed-forward weights (`w_in`, `b_in`, `w_out`,
-      `b_out`, deep experts' hidden layers) are the plain mean of the
-      members'. Near-duplicates compute nearly the same function, so the
-      mean stays close to each; identical experts merge into themselves.
-    - `mode="busier"`: the weights of the member with most routed pairs
-      (`counts`), the others dropped.
-
-    The merged expert's gate column (`W_g`, and `W_noise`, batchwise
-    thresholds alike):
-
-    - `gate="busier"` (default): the busier member's column. Tokens that
-      chose the busier member still choose the merged one, with the same
-      logit; the other member's tokens fall to their next choice. The gate
-      stays one the model was trained with.
-    - `gate="mean"`: the mean of the columns. The merged expert should
-      receive the union of its members' traffic, i.e. the probability
-      `p_a + p_b`: a logit `log(exp(l_a) + exp(l_b))`. A linear gate without
-      bias cannot hold that log-sum-exp (it depends on `x` nonlinearly and
-      needs a `log 2` offset where `l_a = l_b`); the mean column is its
-      first-order part, `(l_a + l_b) / 2`, exact when the columns are equal.
-
-    Args:
-        layer: a built `MoE`.
-        rows: `[N, d]` sample inputs of the layer (`record_routing`).
-        counts: `[E]` routed pairs per expert on sample data.
-        similarity: float in [-1, 1], the cosine threshold.
-        mode: `"average"` or `"busier"`.
-        gate: `"busier"` or `"mean"`.
-        max_merges: None or int, at most this many pairwise merges.
-
-    Returns:
-        `(new layer, clusters)`.
-    """
-    _check_flat(layer)
-    _check_merge_modes(mode, gate)
-    counts = _check_counts(counts, layer)
-    clusters = merge_clusters(expert_similarity(layer, rows), similarity, max_merges)
-    return _rebuilt_layer(layer, clusters, counts, mode, gate), clusters
-
-
-def merge_model(model, rows, counts, similarity=0.95, mode="average", gate="busier"):
-    """`merge_layer` on every MoE layer of `model`, rebuilt as one model.
-
-    The model holds one `num_experts`, so every layer makes the same number
-    `m` of merges: the smallest number any layer can make at `similarity`
-    (the others make their `m` most similar merges). With one MoE layer
-    this is exactly `merge_layer`.
-
-    Args:
-        model: a built Keras model with flat `MoE` layers.
-        rows: `{layer name: [N, d] sample inputs}`.
-        counts: `{layer name: [E] routed pairs}`.
-        similarity, mode, gate: as for `merge_layer`.
-
-    Returns:
-        `(new model, {layer name: clusters})`.
-    """
-    _check_merge_modes(mode, gate)
-    layers = _moe_layers(model)
-    scores, layer_counts = {}, {}
-    for layer in layers:
-        layer_counts[layer.name] = _check_counts(_layer_entry(counts, layer, "counts"), layer)
-        scores[layer.name] = expert_similarity(layer, _layer_entry(rows, layer, "rows"))
-    merges = min(
-        layer.num_experts - len(merge_clusters(scores[layer.name], similarity))
-        for layer in layers
-    )
-    plans = {name: merge_clusters(s, similarity, merges) for name, s in scores.items()}
-    return _rebuilt_model(model, plans, layer_counts, mode, gate), plans
 
 
 # --- what the MoE layers saw --------------------------------------------------------
@@ -624,14 +488,12 @@ def weight_bytes(model):
 
 
 __all__ = [
-    "expert_similarity",
-    "merge_clusters",
-    "merge_layer",
-    "merge_model",
-    "per_expert_variables",
+        "per_expert_variables",
     "prune_keep",
     "prune_layer",
     "prune_model",
+    "regroup_layer",
+    "regroup_model",
     "record_routing",
     "subset_layer",
     "subset_model",

@@ -17,7 +17,7 @@ loading each file.
 - `prune`: remove experts whose usage share is under `threshold`
   (`keras_moe.surgery.prune_model`);
 - `merge`: merge experts whose outputs on the documents' rows have cosine
-  similarity `>= similarity` (`keras_moe.surgery.merge_model`).
+  similarity `>= similarity` (`keras_moe.merging.merge_model`).
 
 Quality is measured on `eval_data` (and `eval_target`) when given, else on
 the same documents.
@@ -31,7 +31,7 @@ import tempfile
 
 import numpy as np
 
-from keras_moe import surgery
+from keras_moe import merging, surgery
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines.experts import runs
 
@@ -132,16 +132,16 @@ def merge(run_dir, data, similarity=0.9, mode="average", gate="busier", out=None
     if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not (
             -1 <= similarity <= 1):
         raise ValueError(f"--similarity must be a number in [-1, 1]. Received: {similarity!r}")
-    if mode not in surgery.MERGE_MODES:
-        raise ValueError(f"--mode must be one of {', '.join(surgery.MERGE_MODES)}. "
+    if mode not in merging.MERGE_MODES:
+        raise ValueError(f"--mode must be one of {', '.join(merging.MERGE_MODES)}. "
                          f"Received: {mode!r}")
-    if gate not in surgery.GATE_MODES:
-        raise ValueError(f"--gate must be one of {', '.join(surgery.GATE_MODES)}. "
+    if gate not in merging.GATE_MODES:
+        raise ValueError(f"--gate must be one of {', '.join(merging.GATE_MODES)}. "
                          f"Received: {gate!r}")
 
     def transform(run, sample, usage):
         rows = runs.sample_rows(run, sample)
-        model, clusters = surgery.merge_model(run.model, rows, usage, similarity, mode, gate)
+        model, clusters = merging.merge_model(run.model, rows, usage, similarity, mode, gate)
         merged = {name: [c for c in groups if len(c) > 1] for name, groups in clusters.items()}
         return model, {"clusters": clusters, "merged": merged}
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
-from keras_moe import surgery
+from keras_moe import merging, surgery
 from keras_moe.models.lm import LanguageModel
 from tests.keras_moe import reference as ref
 
@@ -195,8 +195,8 @@ def test_merging_identical_experts_keeps_the_outputs():
     x = np.random.default_rng(6).normal(size=(50, D)).astype("float32")
     counts = surgery.record_routing(layer, lambda: layer(x))[layer.name]["counts"]
     assert counts[3] == 0 and counts[1] > 0  # ties go to the lower index
-    for gate in surgery.GATE_MODES:
-        merged, clusters = surgery.merge_layer(layer, x, counts, 0.999, "average", gate)
+    for gate in merging.GATE_MODES:
+        merged, clusters = merging.merge_layer(layer, x, counts, 0.999, "average", gate)
         assert clusters == [[0], [1, 3], [2]]
         assert merged.num_experts == 3
         np.testing.assert_allclose(merged(x), layer(x), atol=1e-5)
@@ -211,7 +211,7 @@ def test_merging_distinct_experts_is_computed_as_documented():
     layer.experts.set_weights([w_in, w_out, b_in, b_out])
     w_gate = layer.gating.w_gate.numpy()
     x = np.random.default_rng(7).normal(size=(30, D)).astype("float32")
-    similarity = surgery.expert_similarity(layer, x)
+    similarity = merging.expert_similarity(layer, x)
     assert similarity[0, 1] == pytest.approx(1.0) and similarity[0, 2] < 0.99
     counts = np.array([3.0, 7.0, 5.0])  # expert 1 is the busier of the pair
     cases = {
@@ -220,7 +220,7 @@ def test_merging_distinct_experts_is_computed_as_documented():
         ("average", "mean"): (1.5 * w_out[0], 1.5 * b_out[0], w_gate[:, :2].mean(axis=1)),
     }
     for (mode, gate), (m_w_out, m_b_out, m_gate) in cases.items():
-        merged, clusters = surgery.merge_layer(layer, x, counts, 0.99, mode, gate)
+        merged, clusters = merging.merge_layer(layer, x, counts, 0.99, mode, gate)
         assert clusters == [[0, 1], [2]]
         new_w_in = np.stack([w_in[0], w_in[2]])
         new_b_in = np.stack([b_in[0], b_in[2]])
@@ -232,15 +232,15 @@ def test_merging_distinct_experts_is_computed_as_documented():
         expected = ref.moe_reference(x, new_gate, new_w_in, new_b_in, new_w_out, new_b_out, 2)
         np.testing.assert_allclose(merged(x), expected["y"], atol=1e-4)
     with pytest.raises(ValueError, match="mode"):
-        surgery.merge_layer(layer, x, counts, 0.99, "sum")
+        merging.merge_layer(layer, x, counts, 0.99, "sum")
 
 
 def test_merge_clusters_use_complete_linkage_and_the_model_merges_the_same_number():
     s = np.array([[1.0, 0.97, 0.5], [0.97, 1.0, 0.96], [0.5, 0.96, 1.0]])
     # Single linkage would chain 0-1-2; 0 and 2 are not similar.
-    assert surgery.merge_clusters(s, 0.95) == [[0, 1], [2]]
-    assert surgery.merge_clusters(s, 0.95, max_merges=0) == [[0], [1], [2]]
-    assert surgery.merge_clusters(s, 0.4) == [[0, 1, 2]]
+    assert merging.merge_clusters(s, 0.95) == [[0, 1], [2]]
+    assert merging.merge_clusters(s, 0.95, max_merges=0) == [[0], [1], [2]]
+    assert merging.merge_clusters(s, 0.4) == [[0, 1, 2]]
     model = functional_model(3, k=1, layers=2)
     first = model.get_layer("moe_0")
     w_in, w_out, b_in, b_out = first.experts.get_weights()
@@ -250,16 +250,17 @@ def test_merge_clusters_use_complete_linkage_and_the_model_merges_the_same_numbe
     rows = {"moe_0": x, "moe_1": x}
     counts = {"moe_0": [1, 1, 1], "moe_1": [1, 1, 1]}
     # moe_0 can merge 0 and 2; moe_1 (random experts) cannot: no merge anywhere.
-    _, plans = surgery.merge_model(model, rows, counts, 0.999)
+    _, plans = merging.merge_model(model, rows, counts, 0.999)
     assert plans == {"moe_0": [[0], [1], [2]], "moe_1": [[0], [1], [2]]}
 
 
 def test_docstring_examples():
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    for test in finder.find(surgery, "keras_moe.surgery", globs=dict(vars(surgery))):
-        runner.run(test)
-    assert runner.failures == 0 and runner.tries >= 5
+    for module in (surgery, merging):
+        for test in finder.find(module, module.__name__, globs=dict(vars(module))):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 7
     assert tf.executing_eagerly()
 
 
