@@ -209,3 +209,16 @@ def test_heatmap_needs_a_domain_in_name_equals_file_form(lm_run, tmp_path, capsy
     assert main(["experts", "heatmap", "--run-dir", run_dir, "--domain", valid,
                  "--out", str(tmp_path / "h")]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
+
+
+def test_docstring_examples():
+    import doctest
+
+    from keras_moe.pipelines.inspection import domains
+
+    runner = doctest.DocTestRunner()
+    for module in (domains, commands):
+        for test in doctest.DocTestFinder().find(module, module.__name__,
+                                                 globs=dict(vars(module))):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 2
