@@ -44,7 +44,11 @@ setup(
             # (tensorflow/datasets#11212).
             "tensorflow-datasets>=4.9,<5",
             "importlib-resources",
+            # `keras-moe experts heatmap` draws its PNG with matplotlib.
+            "matplotlib>=3.7",
         ],
+        # The expert x domain heat map's PNG (`keras-moe experts heatmap`).
+        "plots": ["matplotlib>=3.7"],
         "tfds": ["tensorflow-datasets>=4.9,<5", "importlib-resources"],
     },
     entry_points={"console_scripts": ["keras-moe=keras_moe.pipelines.cli:main"]},

@@ -122,6 +122,8 @@ def build_parser():
 
     _add_translate_parser(sub)
     _add_reproduce_parser(sub)
+    from keras_moe.pipelines.experts import cli as experts_cli  # argparse only: cheap
+    experts_cli.add_parser(sub)
 
     inspect = sub.add_parser(
         "inspect",
@@ -143,6 +145,9 @@ def build_parser():
     inspect.add_argument(
         "--max-lines", type=int, default=2000, help="lines of --data routed (default: 2000)"
     )
+    inspect.add_argument("--domain", dest="domains", action="append", default=[],
+                         metavar="NAME=FILE", help="a domain's text: report each expert's top "
+                         "domains (repeatable; docs/experts.md)")
 
     compare = sub.add_parser(
         "compare",
@@ -367,7 +372,7 @@ def run_inspect(args):
 
     inspect_run(
         args.run_dir, args.data, sentences=args.sentences, layer=args.layer, out=args.out,
-        max_lines=args.max_lines,
+        max_lines=args.max_lines, domains=args.domains,
     )
 
 
@@ -403,6 +408,9 @@ def main(argv=None):
             run_compare(args)
         elif args.command == "reproduce":
             run_reproduce(args)
+        elif args.command == "experts":
+            from keras_moe.pipelines.experts.cli import run as run_experts
+            run_experts(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as error:
         sub = next((getattr(args, a) for a in ("lm_command", "translate_command",
                     "reproduce_command") if getattr(args, a, None)), None)

@@ -89,7 +89,7 @@ def read_lines(data, format="text", max_lines=2000):
 
 
 def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=2000, top=10,
-                min_count=2, quiet=False):
+                min_count=2, quiet=False, domains=()):
     """Report how a run's MoE layers route a corpus and a few sentences.
 
     Args:
@@ -106,6 +106,8 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
         top: characteristic tokens shown per expert.
         min_count: pairs a token needs on an expert to be characteristic.
         quiet: bool; True does not print the plain-text tables to stdout.
+        domains: `{name: file}` or `NAME=FILE` strings: adds `domains`, each
+            expert's top domains (`keras_moe.pipelines.inspection.domains`).
 
     Returns:
         dict with `run_dir`, `model`, `data`, `lines`, `sentences`,
@@ -138,6 +140,13 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
     report = {"run_dir": os.fspath(run_dir), "model": model_path, "data": os.fspath(data),
               **report}
     report["tables"] = format_tables(report)
+    if domains:
+        from keras_moe.pipelines.inspection.domains import inspect_domains
+
+        forward = _encode if is_translation_run(run_dir) else None
+        report["domains"] = inspect_domains(model, vocab, domains, list(report["layers"])[0]
+                                            if forward else layer, forward)
+        report["tables"] += "\n\n" + report["domains"]["table"]
     out = os.fspath(out) if out is not None else RunDir(run_dir).inspect_report
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
