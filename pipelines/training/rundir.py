@@ -12,6 +12,7 @@ checkpoints/last.keras     every evaluation;  checkpoints/best.keras: the best o
 checkpoints/step-N.weights.h5   translation: the last evaluations, for averaging
 checkpoints/multi_worker/  the multi-worker loop's checkpoints
 backup/                    the backup (weights and a JSON of the step): a killed run resumes here
+backup.corrupt-N/          a corrupt backup, set aside (kept) when the run fell back to a checkpoint
 history.csv                one row per evaluation
 elapsed.json               the training time noted at every evaluation
 model.keras                the final model
