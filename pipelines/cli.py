@@ -416,7 +416,8 @@ def main(argv=None):
                     "reproduce_command") if getattr(args, a, None)), None)
         command = " ".join(a for a in (args.command, sub) if a)
         print(f"keras-moe {command}: error: {error}", file=sys.stderr)
-        return 2
+        # A run that trained but failed (training/guards.py) has its own code.
+        return getattr(error, "exit_code", 2)
     return 0
 
 

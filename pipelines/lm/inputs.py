@@ -242,8 +242,14 @@ def perplexity_result(total, count, words=None):
     units = float(words) if words else count
     loss = total / units
     per = "word" if words else "token"
+    # A diverged model's loss overflows exp: its perplexity is infinite (a
+    # value the training's divergence guard stops on), not an OverflowError.
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
     return {
-        "perplexity": math.exp(loss),
+        "perplexity": perplexity,
         "loss": loss,
         "tokens": int(count),
         "words": int(units),

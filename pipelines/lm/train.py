@@ -46,7 +46,7 @@ from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
-from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training import guards, trainer
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
 
@@ -89,14 +89,22 @@ def lines_factory(data_config, split, seed=0):
 
 
 def check_inputs(config):
-    """Fail before anything is written: the preset exists, every corpus can be read.
+    """Fail before anything is written: the preset exists, the model's arguments
+    are valid, every corpus can be read.
+
+    The model is constructed without its weights
+    (`guards.check_model_arguments`), so an argument it refuses (`k` above
+    `num_experts`, a bad gating) fails before any file is written.
 
     The evaluation files are read through (they are small next to the
     training text, and a bad byte at their end would otherwise stop the run
     at its first evaluation); the training text is read while the
     vocabulary is built, also before the run directory is touched.
     """
-    presets.get_preset(config.model.preset)
+    guards.check_model_arguments(
+        presets.REGISTRY, config.model.preset, config.data.vocab_size, seed=config.train.seed,
+        expert_parallel=config.train.expert_parallel, **config.model.overrides()
+    )
     next(iter(lines_factory(config.data, "train")()))
     for split in ("valid", "test"):
         if split == "valid" or config.data.test:

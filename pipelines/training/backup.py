@@ -18,6 +18,11 @@ Pieces:
 - `resume_point`, `resume_step`: where a run's backup resumes it;
   `write_backup`: make a model the backup (a finished run continued);
   `remove_backup`: once the run is saved whole;
+- `recover_backup`: a corrupt backup (truncated weights, garbage
+  metadata) is set aside, kept as evidence (`backup.corrupt-N/`), and the
+  newest intact checkpoint becomes the backup; `backup_problem`,
+  `weights_file_problem` say what is wrong; `load_model_file`: a `.keras`
+  file loaded, or an error naming it;
 - `BatchSummaries`: the `batch_*` TensorBoard curves, numbered by the
   optimizer's step, so that a resumed run's curves go on from its backup's
   step instead of starting again at 1 (keras-team/keras#9546).
@@ -26,11 +31,14 @@ Pieces:
 import json
 import os
 import shutil
+import sys
+import zipfile
 
+import h5py
 import keras
 import tensorflow as tf
 
-from keras_moe.pipelines.training.rundir import RunDir
+from keras_moe.pipelines.training.rundir import RunDir, checkpoint_step
 
 WEIGHTS = "latest.weights.h5"
 METADATA = "training_metadata.json"
@@ -142,6 +150,131 @@ def write_backup(model, run_dir, steps_per_eval):
 def remove_backup(run_dir):
     """Remove the run's backup (once the finished run is saved)."""
     shutil.rmtree(backup_dir(run_dir), ignore_errors=True)
+
+
+def load_model_file(path, compile=True):
+    """`keras.saving.load_model(path)`, with an error naming the file when it is corrupt.
+
+    Raises:
+        FileNotFoundError: naming `path` when it does not exist.
+        ValueError: naming `path` and what is wrong, when it is not a whole
+            `.keras` archive or cannot be loaded.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path}: corrupt or truncated ({os.path.getsize(path)} bytes, not a .keras zip "
+            "archive)"
+        )
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: the model cannot be loaded (corrupt?): {error}") from None
+
+
+def weights_file_problem(path):
+    """What is wrong with the `.weights.h5` file `path` (naming it), or None when every array reads."""
+    if not os.path.isfile(path):
+        return f"{path}: missing"
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset):
+            item[()]  # a truncated or damaged array fails here
+        return None  # anything else would end `visititems`
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        return f"{path}: not a readable weights file ({error})"
+    return None
+
+
+def backup_problem(run_dir):
+    """What is wrong with the run's backup (naming the file), or None when it is whole or absent."""
+    try:
+        metadata = read_backup(run_dir)
+    except ValueError as error:
+        return str(error)
+    if metadata is None:
+        return None
+    return weights_file_problem(_paths(run_dir)[WEIGHTS])
+
+
+def _set_aside(path):
+    # The evidence is kept: `path` becomes `path.corrupt-N`, N the first free.
+    n = 1
+    while os.path.exists(f"{path}.corrupt-{n}"):
+        n += 1
+    os.replace(path, f"{path}.corrupt-{n}")
+    return f"{path}.corrupt-{n}"
+
+
+def recover_backup(run_dir, steps_per_eval, out=None):
+    """Replace a corrupt backup by the newest intact checkpoint; say what was done.
+
+    When `backup_problem` finds the backup whole (or there is none),
+    nothing happens. Otherwise the checkpoints are tried, newest first:
+    `checkpoints/last.keras` (its weights and optimizer), then the
+    `checkpoints/step-N.weights.h5` files, highest N first. The first
+    that loads becomes the backup (at its optimizer step; the run resumes
+    there). The corrupt `backup/` is kept as `backup.corrupt-N/`, and a
+    checkpoint that failed to load as `<its name>.corrupt-N` (never
+    overwritten by the resumed run). What was done is printed on `out`
+    (stderr by default) and returned.
+
+    Returns:
+        The message, or None when the backup was whole or absent.
+
+    Raises:
+        ValueError: naming the backup's problem and every checkpoint tried,
+            when none is intact (then nothing is moved).
+    """
+    problem = backup_problem(run_dir)
+    if problem is None:
+        return None
+    run = RunDir.wrap(run_dir)
+    failed = []
+    found = None
+    if os.path.exists(run.last_checkpoint):
+        try:
+            model = load_model_file(run.last_checkpoint)
+            found = (run.last_checkpoint, int(model.optimizer.iterations.numpy()), model)
+        except ValueError as error:
+            failed.append((run.last_checkpoint, str(error)))
+    for path in reversed(run.step_checkpoints()) if found is None else ():
+        error = weights_file_problem(path)
+        if error is None:
+            found = (path, checkpoint_step(path), None)
+            break
+        failed.append((path, error))
+    if found is None:
+        tried = "; ".join(error for _, error in failed) or "there is none"
+        raise ValueError(
+            f"the run's backup is corrupt: {problem}; no intact checkpoint to resume from "
+            f"({tried}); nothing was moved: start the run in a new --run-dir"
+        )
+    path, step, model = found
+    aside = _set_aside(backup_dir(run_dir))
+    kept = [aside] + [_set_aside(p) for p, _ in failed]
+    if model is not None:
+        write_backup(model, run_dir, steps_per_eval)
+    else:
+        paths = _paths(run_dir)
+        os.makedirs(backup_dir(run_dir), exist_ok=True)
+        shutil.copyfile(path, paths[PARTIAL_WEIGHTS])
+        with open(paths[PARTIAL_METADATA], "w", encoding="utf-8") as f:
+            json.dump({"epoch": step // steps_per_eval, "step": step}, f)
+        os.replace(paths[PARTIAL_WEIGHTS], paths[WEIGHTS])
+        os.replace(paths[PARTIAL_METADATA], paths[METADATA])
+    message = (
+        f"the run's backup is corrupt ({problem}); resuming from the newest intact "
+        f"checkpoint, {path} (step {step}); the corrupt files are kept: {', '.join(kept)}"
+    )
+    print(f"keras-moe: {message}", file=out or sys.stderr, flush=True)
+    return message
 
 
 def backup_and_restore(run_dir):

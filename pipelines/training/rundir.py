@@ -12,6 +12,7 @@ checkpoints/last.keras     every evaluation;  checkpoints/best.keras: the best o
 checkpoints/step-N.weights.h5   translation: the last evaluations, for averaging
 checkpoints/multi_worker/  the multi-worker loop's checkpoints
 backup/                    the backup (weights and a JSON of the step): a killed run resumes here
+backup.corrupt-N/          a corrupt backup, set aside (kept) when the run fell back to a checkpoint
 history.csv                one row per evaluation
 elapsed.json               the training time noted at every evaluation
 model.keras                the final model
@@ -30,6 +31,7 @@ path as well and wrap it (`RunDir.wrap`). A `RunDir` is an
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -39,11 +41,39 @@ from keras_moe.pipelines.data import wordpiece
 _STEP_FILE = re.compile(r"step-(\d+)\.weights\.h5$")
 
 
+def checkpoint_step(path):
+    """The optimizer step N of a `step-N.weights.h5` path."""
+    return int(_STEP_FILE.search(os.fspath(path)).group(1))
+
+
 def step_checkpoints(directory):
     """The `step-N.weights.h5` files of `directory`, oldest first."""
     paths = [p for p in glob.glob(os.path.join(directory, "step-*.weights.h5"))
              if _STEP_FILE.search(p)]
-    return sorted(paths, key=lambda p: int(_STEP_FILE.search(p).group(1)))
+    return sorted(paths, key=checkpoint_step)
+
+
+def finite_json(data):
+    """`data` with every NaN or infinite float replaced by None, and where they were.
+
+    Returns:
+        `(clean, found)`: `found` maps each replaced value's dotted path
+        (`"valid.perplexity"`, `"history.loss.3"`) to `"nan"`, `"inf"` or
+        `"-inf"`.
+    """
+    found = {}
+
+    def clean(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = str(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        return value
+
+    return clean(data, ""), found
 
 
 def step_checkpoint(directory, step):
@@ -103,6 +133,19 @@ class RunDir(os.PathLike):
 
     def exists(self):
         return os.path.isdir(self.path)
+
+    def check_creatable(self):
+        """ValueError naming the path when the directory cannot be made (a file is in the way)."""
+        path = os.path.abspath(self.path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{self.path}: is a file, not a run directory")
+        parent = os.path.dirname(path)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            raise ValueError(
+                f"{self.path}: cannot be a run directory: {parent} is a file, not a directory"
+            )
 
     def makedirs(self):
         """Create the directory (and its parents); returns self."""
@@ -263,9 +306,15 @@ class RunDir(os.PathLike):
         return wordpiece.WordPieceVocabulary.load(found[0])
 
     def write_json(self, path, data):
-        """Write `data` as indented JSON to `path` (a path of this run); returns `path`."""
+        """Write `data` as indented, strict JSON to `path` (a path of this run); returns `path`.
+
+        Raises:
+            ValueError: when `data` holds a NaN or infinite float (which
+                strict JSON cannot hold); nothing is written then.
+        """
+        text = json.dumps(data, indent=2, allow_nan=False)
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            f.write(text)
         return path
 
     def read_json(self, path):
@@ -283,6 +332,15 @@ class RunDir(os.PathLike):
                 raise ValueError(f"{path}: not valid JSON ({error})") from None
 
     def write_results(self, results):
-        """Write `results.json`; returns `results`."""
-        self.write_json(self.results_file, results)
-        return results
+        """Write `results.json` (strict JSON); returns what was written.
+
+        A NaN or infinite value (strict JSON has none) is written as null,
+        and `non_finite` maps its dotted path to what it was.
+        """
+        clean, found = finite_json(results)
+        if found:
+            clean["non_finite"] = {
+                **found, "note": "these values were NaN or infinite and are written as null",
+            }
+        self.write_json(self.results_file, clean)
+        return clean

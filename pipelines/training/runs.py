@@ -8,11 +8,15 @@ pipelines train with; every path comes from `rundir.RunDir`:
   by a refused run); a finished run asked for more `train.steps`, or
   stopped by its time limit and given a larger one, goes on from its last
   step (`extend_finished_run`);
-- `run_callbacks`: the callbacks of every run (backup, NaN guard, the
-  pipeline's validation, history, checkpoints, TensorBoard, routing, time
-  limit), in the order they must run;
+- `check_run_dir`: refuse a directory the run cannot use (under a file,
+  or holding a run of the other kind) before anything is read or written;
+- `run_callbacks`: the callbacks of every run (time limit, the pipeline's
+  validation, the divergence guard, backup, history, checkpoints,
+  TensorBoard, routing), in the order they must run;
 - `fit_and_save`: `model.fit` in evaluation-long epochs, resumed from the
-  run's backup (`backup.py`), then `model.keras`;
+  run's backup (`backup.py`; a corrupt one is set aside for the newest
+  intact checkpoint), then `model.keras`, only for a run that made its
+  steps (`guards.check_finished`);
 - `TrainingClock`: the run's training time, counted across resumes and
   continuations, logged as `elapsed_minutes`, and its limit; `StepLimit`:
   the end at `train.steps` exactly;
@@ -24,19 +28,24 @@ The balance statistics of an evaluation set are
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import time
 
 import keras
+import yaml
 
 from keras_moe import RoutingMonitor
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines.training import guards
 from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, resume_step: API)
     BatchSummaries,
     backup_and_restore,
+    load_model_file,
+    recover_backup,
     remove_backup,
     resume_point,
     resume_step,
@@ -53,6 +62,40 @@ def _comparable(config):
     for key in RUN_CONTROL_KEYS:
         data["train"].pop(key, None)
     return data
+
+
+def _run_kind(sections):
+    # A translation configuration alone has a `decode` section.
+    return "translation" if "decode" in sections else "language-model"
+
+
+def check_run_dir(config, run_dir):
+    """Refuse a run directory that `config`'s run cannot use, before anything is read or written.
+
+    Raises:
+        ValueError: naming the directory, when it cannot be created (a
+            regular file on its path), or holds a run of another kind (a
+            language-model run where a translation run is started, or the
+            other way round).
+    """
+    run = RunDir.wrap(run_dir)
+    run.check_creatable()
+    if not run.is_run():
+        return
+    try:
+        with open(run.config_file, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return  # `prepare_run_dir` names what is wrong with it
+    if not isinstance(saved, dict):
+        return
+    wanted = [field.name for field in dataclasses.fields(config)]
+    held, kind = _run_kind(saved), _run_kind(wanted)
+    if held != kind:
+        raise ValueError(
+            f"{run.path}: this directory holds a {held} run; a {kind} run needs its own "
+            "--run-dir"
+        )
 
 
 def prepare_run_dir(config, run_dir):
@@ -119,12 +162,15 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         # step is written, so a resumed run always finds its step's time.
         TrainingClock(run, train.time_limit_minutes),
         StepLimit(train.steps),
-        # Before the others, so that a resumed run has its weights back
-        # before anything else runs.
-        backup_and_restore(run.path),
-        keras.callbacks.TerminateOnNaN(),
-        # Before the logger and checkpoints, which read the values it adds.
+        # Before the guard, the logger and checkpoints, which read the values it adds.
         validation,
+        # Before the backup and the checkpoints: a step whose loss, weights
+        # or validation values are not finite raises here, so nothing is
+        # saved from it and a restart resumes the last good backup.
+        guards.DivergenceGuard(run.path),
+        # The callbacks above do nothing when training begins, so the
+        # backup is restored before anything reads the model.
+        backup_and_restore(run.path),
         HistoryLogger(run.history_file),
         keras.callbacks.ModelCheckpoint(run.last_checkpoint),
         keras.callbacks.ModelCheckpoint(
@@ -154,14 +200,29 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
     included, is that of one uninterrupted run, since `dataset` is seeded).
     Once `model.keras` is written the backup is removed.
 
+    A corrupt backup (unreadable weights or metadata) is first set aside,
+    kept, and the newest intact checkpoint made the backup
+    (`backup.recover_backup`; what it did is printed and returned as
+    `recovered`). After `fit`, a run short of `train.steps` that no
+    callback stopped on purpose raises `guards.TrainingIncomplete`, and
+    weights that are not finite `guards.TrainingDiverged`: then no
+    `model.keras` is written, and the backup is kept.
+
     Returns:
         The `steps`, `train_seconds`, `elapsed_minutes` and `history`
         entries of the run's results (`steps`: the optimizer's step count,
         resumed steps included; `train_seconds`: this call's `fit`;
         `elapsed_minutes`: the run's training time, resumes included; None
-        when `callbacks` hold no `TrainingClock`).
+        when `callbacks` hold no `TrainingClock`); with `recovered` (the
+        message) when a corrupt backup was replaced.
+
+    Raises:
+        guards.TrainingDiverged, guards.TrainingIncomplete: see above.
+        ValueError: naming the files, when the backup is corrupt and no
+            intact checkpoint is left to resume from.
     """
     start = time.time()
+    recovered = recover_backup(run_dir, train.steps_per_eval)
     epoch, done = resume_point(run_dir, train.steps_per_eval)
     if done:
         dataset = dataset.skip(done)
@@ -171,12 +232,16 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
         shuffle=False,  # the dataset shuffles itself
     )
     train_seconds = time.time() - start
+    steps = int(model.optimizer.iterations.numpy())
+    guards.check_finished(steps, train.steps, callbacks)
+    guards.check_weights(model, steps)
     model.save(RunDir.wrap(run_dir).model_file)
     # Only now: a kill before model.keras is whole still finds the backup.
     remove_backup(run_dir)
     clocks = [c for c in callbacks if isinstance(c, TrainingClock)]
     return {
-        "steps": int(model.optimizer.iterations.numpy()),
+        **({"recovered": recovered} if recovered else {}),
+        "steps": steps,
         "train_seconds": round(train_seconds, 1),
         "elapsed_minutes": round(clocks[0].elapsed_seconds() / 60.0, 2) if clocks else None,
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
@@ -217,7 +282,7 @@ def extend_finished_run(config, run_dir):
     timed_out = limit is not None and seconds is not None and seconds >= 60.0 * limit
     steps = None  # the finished run's, read below from its model
     if old == new and (new_steps > old_steps or (new_steps == old_steps and timed_out)):
-        model = keras.saving.load_model(finished)
+        model = load_model_file(finished)
         steps = int(model.optimizer.iterations.numpy())
     if steps is None or new_steps <= steps:
         stopped = "" if steps is None else f", stopped at step {steps}"
@@ -256,7 +321,9 @@ class TrainingClock(keras.callbacks.Callback):
         run_dir: the run directory, a `RunDir` or a path (`elapsed.json`
             goes there).
         limit_minutes: optional; training stops after the batch during which
-            the run's time passes it (then the run is evaluated and saved).
+            the run's time passes it (then the run is evaluated and saved,
+            and `budget_reached` is True: a legitimate early stop, see
+            `guards.check_finished`).
         clock: a function returning seconds (for tests); `time.monotonic`.
     """
 
@@ -270,6 +337,7 @@ class TrainingClock(keras.callbacks.Callback):
         self.base = None  # seconds noted at the step this fit resumed from
         self.noted = {}  # step -> seconds, as in elapsed.json
         self.stopped_at_step = None
+        self.budget_reached = False  # set when the limit stops training
 
     def elapsed_seconds(self):
         """The run's training time so far (0 before `fit` has started)."""
@@ -293,6 +361,7 @@ class TrainingClock(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = self.clock()
         self.base = None
+        self.budget_reached = False
         self.noted = self.read_noted(self.run)
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -308,6 +377,7 @@ class TrainingClock(keras.callbacks.Callback):
                 and not self.model.stop_training):
             self.model.stop_training = True
             self.stopped_at_step = int(self.model.optimizer.iterations.numpy())
+            self.budget_reached = True
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = self.elapsed_seconds()
@@ -324,16 +394,19 @@ class StepLimit(keras.callbacks.Callback):
 
     `fit` runs whole evaluation rounds, so without it a run continued from
     a step inside a round (one its time limit stopped) would overrun
-    `train.steps` by the part of a round it had already done.
+    `train.steps` by the part of a round it had already done. Its stop is
+    a budget reached (`budget_reached`, see `guards.check_finished`).
     """
 
     def __init__(self, steps):
         super().__init__()
         self.steps = steps
         self.step = None
+        self.budget_reached = False
 
     def on_train_begin(self, logs=None):
         self.step = None
+        self.budget_reached = False
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.step is None:
@@ -345,6 +418,7 @@ class StepLimit(keras.callbacks.Callback):
         self.step += 1
         if self.step >= self.steps:
             self.model.stop_training = True
+            self.budget_reached = True
 
 
 class HistoryLogger(keras.callbacks.Callback):

@@ -8,8 +8,11 @@ the same way for every task:
 
 1. makes the `tf.distribute` strategy of `train.strategy` (first: the
    `multi_worker` and `tpu` strategies must start before any TensorFlow op);
-2. checks the inputs and builds the vocabulary, before the run directory
-   is touched, so that bad data fails without writing anything;
+2. checks the run directory (`runs.check_run_dir`: not under a file, not
+   a run of the other kind), the inputs and the model's arguments (the
+   task's `check_inputs` constructs the model without its weights), and
+   builds the vocabulary, before the run directory is touched, so that
+   bad data or a bad model argument fails without writing anything;
 3. prepares the run directory (`runs.prepare_run_dir`: `config.yaml` for a
    new run, the same configuration for a resumed one) and saves the
    vocabulary;
@@ -20,7 +23,13 @@ the same way for every task:
    TensorBoard, routing), or, for `train.strategy: multi_worker`, with
    `distribution.train_multi_worker`;
 6. evaluates the final model on a one-device copy and writes
-   `results.json`.
+   `results.json` (strict JSON).
+
+A run that diverges (a NaN or infinite loss, weight or validation value)
+raises `guards.TrainingDiverged`, and one that stops short of
+`train.steps` without a budget that stopped it (its data ran out)
+`guards.TrainingIncomplete`; neither writes `model.keras` or
+`results.json`, and the last good backup stays (see `guards`).
 
 `load_run(task, run_dir)` reads a run back: its configuration, vocabulary
 and model.
@@ -32,8 +41,14 @@ from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data.vocabulary import check_vocabulary_matches
 from keras_moe.pipelines.training import distribution
+from keras_moe.pipelines.training.backup import load_model_file
 from keras_moe.pipelines.training.rundir import RunDir
-from keras_moe.pipelines.training.runs import fit_and_save, prepare_run_dir, run_callbacks
+from keras_moe.pipelines.training.runs import (
+    check_run_dir,
+    fit_and_save,
+    prepare_run_dir,
+    run_callbacks,
+)
 
 
 class Task:
@@ -51,7 +66,7 @@ class Task:
     batch_keys = ("batch_tokens",)
 
     def check_inputs(self, config):
-        """Fail before anything is written (a bad preset, an unreadable corpus).
+        """Fail before anything is written (a bad preset or model argument, an unreadable corpus).
 
         Returns:
             Anything the task wants back in `prepare` and `extra_results`
@@ -207,9 +222,12 @@ def train(task, config, run_dir, strategy=None):
     Raises:
         FileNotFoundError, ValueError: naming the file or key at fault;
             raised before the run directory is touched.
+        guards.TrainingDiverged, guards.TrainingIncomplete: the run
+            diverged, or stopped short of `train.steps` (see `guards`).
     """
     check_config(task, config)
     run = RunDir.wrap(run_dir)
+    check_run_dir(config, run)
     t = config.train
     if strategy is None:
         # First: `multi_worker` and `tpu` must start before any TensorFlow op.
@@ -240,6 +258,7 @@ def train(task, config, run_dir, strategy=None):
         **task.extra_results(checked),
         "costs": task.costs(model),
         "history": fitted["history"],
+        **({"recovered": fitted["recovered"]} if "recovered" in fitted else {}),
     }
     return finish(task, config, run, distribution.evaluation_model(model), vocab, results)
 
@@ -278,6 +297,7 @@ def train_multi_worker(task, config, run_dir, strategy):
     evaluation before they exit.
     """
     run = RunDir.wrap(run_dir)
+    check_run_dir(config, run)
     t = config.train
     chief = distribution.is_chief(strategy)
     checked = task.check_inputs(config)
@@ -313,13 +333,14 @@ def load_run(task, run_dir):
     Raises:
         FileNotFoundError: naming the directory when it is not a run, or
             holds no model or no vocabulary.
-        ValueError: when the vocabulary does not fit the model.
+        ValueError: when the vocabulary does not fit the model, or the
+            model file is corrupt (naming it).
     """
     run = RunDir.wrap(run_dir)
     run.check_is_run()
     config = config_lib.load_config(task.config_class, run.config_file)
     vocab = run.load_vocabulary()
     model_path = run.find_model()
-    model = keras.saving.load_model(model_path, compile=False)
+    model = load_model_file(model_path, compile=False)
     check_vocabulary_matches(vocab, model.vocab_size, model_path)
     return config, vocab, model, model_path

@@ -49,7 +49,7 @@ from keras_moe.inference_k import set_inference_k
 from keras_moe.models import translation_presets
 from keras_moe.pipelines.data import parallel_corpora
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
-from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training import guards, trainer
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
@@ -73,13 +73,20 @@ from keras_moe.pipelines.translate.evaluation import (  # noqa: F401
 def check_inputs(config):
     """Fail before anything is written: the preset exists, every corpus can be read.
 
-    Reads the training pairs through once (their cleaning counts are the
-    result) and the validation and test pairs whole.
+    The model is constructed without its weights
+    (`guards.check_model_arguments`), so an argument it refuses fails
+    before any file is written. Reads the training pairs through once
+    (their cleaning counts are the result) and the validation and test
+    pairs whole.
 
     Returns:
         The training data's `parallel_corpora.CleaningCounts`.
     """
-    translation_presets.get_preset(config.model.preset)
+    guards.check_model_arguments(
+        translation_presets.REGISTRY, config.model.preset, config.data.vocab_size,
+        seed=config.train.seed, expert_parallel=config.train.expert_parallel,
+        **config.model.overrides()
+    )
     counts = parallel_corpora.CleaningCounts()
     for _ in translate_input.pairs_factory(config.data, "train", counts)():
         pass
