@@ -26,9 +26,8 @@ import time
 
 import numpy as np
 
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import corpora, parallel_corpora
-from keras_moe.pipelines.training.rundir import RunDir
-from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.pipelines.translate.config import (
     CorpusConfig,
     DataConfig,
@@ -179,6 +178,11 @@ def demo_config(config, train, valid, test):
 
 def run_translate_demo(config):
     """Prepare the data, train, evaluate and print the report; returns the results dict."""
+    # Here, not at the top: the command line builds its `--help` from
+    # `TranslateDemoConfig` without waiting for TensorFlow.
+    from keras_moe.pipelines.training.rundir import RunDir
+    from keras_moe.pipelines.translate import train as translate_train
+
     started = time.time()
     run = RunDir(config.run_dir)
     data_dir = run.demo_data_dir
@@ -215,8 +219,11 @@ def _report(config, run_config, results, seconds):
         busiest = " ".join(f"{e}:{share[e]:.3f}" for e in np.argsort(-share)[:16])
         print(f"  token share per expert, busiest first: {busiest}")
     print(f"hypotheses: {test['hypotheses_file']}")
+    from keras_moe.pipelines.training.rundir import RunDir
+
+    log_dir = RunDir(config.run_dir).tensorboard_dir
     print(f"run directory: {config.run_dir} "
-          f"(TensorBoard: tensorboard --logdir {RunDir(config.run_dir).tensorboard_dir})")
+          f"(TensorBoard: {progress.tensorboard_command(log_dir)})")
     print(f"wall time {seconds:.0f} s")
 
 
