@@ -47,8 +47,8 @@ def enabled():
 
 
 def emit(text, stream=None):
-    """Print one progress line (when enabled) to `stream` (default: stderr), flushed."""
-    if enabled():
+    """Print one progress line (when enabled) to `stream` (default: stderr; False: nowhere)."""
+    if enabled() and stream is not False:
         stream = sys.stderr if stream is None else stream
         print(text, file=stream, flush=True)
 
@@ -68,7 +68,7 @@ class Progress:
         every: the fewest seconds between two lines.
         min_seconds: `done` prints its line only when the phase took at
             least this long (short phases stay silent).
-        stream: where lines go (default: stderr).
+        stream: where lines go (default: stderr); False: nowhere.
         clock: the time source (`time.monotonic`; tests pass their own).
     """
 
