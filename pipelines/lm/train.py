@@ -269,7 +269,7 @@ def evaluate(run_dir, data, format=None):
 
     Returns:
         dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
-        `data` and `model`.
+        `unk_tokens`, `unk_rate`, `unk_convention`, `data` and `model`.
     """
     config, vocab, model, model_path = load_run(run_dir)
     data_config = config_lib.from_dict(
@@ -281,4 +281,22 @@ def evaluate(run_dir, data, format=None):
     result = evaluate_lines(model, factory, vocab, data_config, routing=True)
     if not result["routing"]:
         del result["routing"]  # a model without MoE blocks
-    return {**result, "data": data, "model": model_path}
+    return {**result, **unk_counts(factory, vocab), "data": data, "model": model_path}
+
+
+UNK_CONVENTION = (
+    "tokens of the text outside the vocabulary are all the one <unk> token, which the model "
+    "predicts like any other (the PTB convention): a text of many unseen words gets a low "
+    "perplexity that says nothing about them; unk_rate is <unk> tokens / tokens, <eos> excluded"
+)
+
+
+def unk_counts(factory, vocab):
+    """How many tokens of the text `factory()` yields are `<unk>` (`<eos>` excluded)."""
+    unk_id = vocab.encode_line("\x00<not-a-word>\x00")[0]
+    tokens = unk = 0
+    for ids in lm_input.encoded_lines(factory(), vocab):
+        tokens += len(ids) - 1
+        unk += sum(1 for i in ids[:-1] if i == unk_id)
+    return {"unk_tokens": unk, "unk_rate": round(unk / tokens, 6) if tokens else 0.0,
+            "unk_convention": UNK_CONVENTION}
