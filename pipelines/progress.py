@@ -93,7 +93,9 @@ class Progress:
         for name, value in extra.items():
             self.extra[name] = self.extra.get(name, 0) + value
         now = self.clock()
-        if now - self.last >= self.every:
+        # A finished count waits for `done`'s line.
+        finished = self.total is not None and self.count >= self.total
+        if now - self.last >= self.every and not finished:
             self.last = now
             self.lines += 1
             emit(self._line(now - self.start), self.stream)

@@ -147,7 +147,7 @@ class WordPieceVocabulary:
             raise ValueError("no word to learn a WordPiece vocabulary from") from None
         counting.done()
         # The learner reports nothing while it works: say what it works on.
-        learning = progress.Progress("vocabulary: learn pieces", "distinct words", min_seconds=0)
+        learning = progress.Progress("vocabulary: learn pieces", "distinct words")
         progress.emit(f"[vocabulary: learn pieces] {len(counts):,} distinct words, "
                       f"{vocab_size:,} tokens wanted (tensorflow_text learner)")
         learned = wordpiece_tokenizer_learner_lib.learn(

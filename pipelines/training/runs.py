@@ -138,7 +138,7 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),
         BatchSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
         # Steps, loss, rates and evaluations (fit itself runs with verbose=0).
-        StepProgress(train.steps, train.verbose),
+        StepProgress(train.steps, train.verbose, time_limit_minutes=train.time_limit_minutes),
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))

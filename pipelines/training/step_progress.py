@@ -38,12 +38,16 @@ class StepProgress(keras.callbacks.Callback):
         every: the fewest seconds between two step lines.
         tokens_per_step: tokens in one step's batch, when fixed (adds
             tokens/s); or None.
+        time_limit_minutes: the run's wall-time budget, when it has one
+            (`train.time_limit_minutes`): lines then show the minutes spent
+            of it, since the time, not `total_steps`, ends such a run.
         clock: the time source (tests pass their own).
     """
 
     def __init__(self, total_steps, verbose=1, every=10.0, tokens_per_step=None,
-                 clock=time.monotonic):
+                 time_limit_minutes=None, clock=time.monotonic):
         super().__init__()
+        self.time_limit_minutes = time_limit_minutes
         self.total_steps = total_steps
         self.verbose = verbose
         self.every = every
@@ -52,6 +56,9 @@ class StepProgress(keras.callbacks.Callback):
         self.lines = []
 
     def _emit(self, text):
+        if self.time_limit_minutes:
+            minutes = (self.clock() - self.start) / 60.0
+            text += f" [{minutes:.1f} of {self.time_limit_minutes:g} min]"
         self.lines.append(text)
         progress.emit(f"[train] {text}")
 

@@ -169,7 +169,7 @@ def demo_config(config, train, valid, test):
         train=TrainConfig(
             steps=steps, steps_per_eval=config.steps_per_eval,
             learning_rate=config.learning_rate, warmup_steps=200, hold_steps=1000,
-            seed=config.seed, time_limit_minutes=config.minutes, verbose=2,
+            seed=config.seed, time_limit_minutes=config.minutes, verbose=1,
             monitor_every_n_steps=25,
         ),
         decode=DecodeConfig(beam_width=config.beam_width),
@@ -204,6 +204,9 @@ def run_translate_demo(config):
 def _report(config, run_config, results, seconds):
     test = results["test"]
     print()
+    overrides = ", ".join(f"{k}={v}" for k, v in results["model"]["preset_overrides"].items())
+    print(f"model: preset {results['model']['preset']}"
+          + (f", overridden: {overrides}" if overrides else ""))
     print(f"trained {results['steps']} steps in {results['train_seconds']:.0f} s "
           f"({results['cleaning']['kept']} training pairs after cleaning: "
           f"{_cleaning_line(results['cleaning'])})")
