@@ -36,6 +36,7 @@ per-word perplexity over whole files.
 """
 
 import itertools
+import sys
 
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
@@ -147,7 +148,8 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
             yield line
 
     with_routing = routing and any(block == "moe" for block in model.blocks)
-    batches = lm_input.evaluation_batches(counted(), vocab, data_config)
+    segmented = {}
+    batches = lm_input.evaluation_batches(counted(), vocab, data_config, segmented)
     total, count, stats = 0.0, 0.0, RoutingStatistics()
     for summed, weight, routings in lm_input.batch_nll(model, batches, with_routing):
         total += summed
@@ -156,6 +158,13 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
     # The lines are all read now, so `words` is the file's word count.
     result = lm_input.perplexity_result(total, count, words)
     result["convention"] = CONVENTION
+    if data_config.mode == "sentences":
+        # Lines too long for one row, evaluated in segments (lm_input.sentence_segments).
+        result["segmented_lines"] = segmented.get("segmented_lines", 0)
+        if result["segmented_lines"]:
+            print(f"{result['segmented_lines']} lines longer than "
+                  f"{lm_input.MAX_EVAL_SENTENCE_TOKENS} tokens were evaluated in segments of "
+                  f"{lm_input.MAX_EVAL_SENTENCE_TOKENS}", file=sys.stderr, flush=True)
     if routing:
         result["routing"] = stats.result()
     return result
