@@ -43,19 +43,26 @@ def load_tensorflow(verbose=False):
     """
     if verbose or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
+    else:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        try:
+            import tensorflow as tf
 
-        return
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        import tensorflow as tf
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+    # Every layer, optimizer and model class registered with Keras, as a
+    # library import registers them (the command line imports `keras_moe`
+    # lazily): runs reload whatever they hold.
+    import keras_moe
+    import keras_moe.models  # noqa: F401
 
-        tf.config.list_physical_devices()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+    for name in keras_moe.__all__:
+        getattr(keras_moe, name)
 
 
 def _add_dataclass_flags(parser, cls):
@@ -377,9 +384,9 @@ def run_translate(args):
     """`keras-moe translate ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines.translate import train as translate_train
-
     command = args.translate_command
+    if command != "presets":
+        from keras_moe.pipelines.translate import train as translate_train
     if command == "train":
         _split_cpu(args)
         from keras_moe.pipelines.config import load_config
@@ -429,8 +436,8 @@ def run_lm(args):
     """`keras-moe lm ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines.lm import train as lm_train
-
+    if args.lm_command not in ("demo", "presets"):
+        from keras_moe.pipelines.lm import train as lm_train
     if args.lm_command == "demo":
         from keras_moe.pipelines.lm.demo import DemoConfig, run_demo
 
@@ -489,6 +496,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.quiet:
         progress.set_enabled(False)
+    # Every command past this point uses TensorFlow (the preset tables too:
+    # their costs read the model classes' defaults).
     load_tensorflow(args.verbose)
     try:
         if args.command == "demo":
