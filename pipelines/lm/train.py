@@ -40,6 +40,7 @@ import sys
 
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import lm_corpora, shards
 from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
@@ -121,7 +122,10 @@ def build_vocabulary(config, run_dir):
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
     if c.vocabulary == "wordpiece":
         return WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
-    return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
+    # Counting the words of millions of lines takes minutes: progress lines.
+    counted = progress.iterate(limited, "vocabulary: count words", "lines",
+                               count=lambda line: {"words": len(line.split())})
+    return WordVocabulary.build((line.split() for line in counted), c.vocab_size, c.min_count)
 
 
 def build_model(config, vocab_size, compile=True):
