@@ -12,6 +12,7 @@ it is applied to.
 
 import itertools
 import os
+import time
 import warnings
 
 import numpy as np
@@ -146,15 +147,15 @@ class WordPieceVocabulary:
         except StopIteration:  # the learner's way of saying "no word at all"
             raise ValueError("no word to learn a WordPiece vocabulary from") from None
         counting.done()
-        # The learner reports nothing while it works: say what it works on.
-        learning = progress.Progress("vocabulary: learn pieces", "distinct words")
+        # The learner reports nothing while it works: say what it works on,
+        # then how long it took.
         progress.emit(f"[vocabulary: learn pieces] {len(counts):,} distinct words, "
                       f"{vocab_size:,} tokens wanted (tensorflow_text learner)")
+        started = time.monotonic()
         learned = wordpiece_tokenizer_learner_lib.learn(
             counts, vocab_size, list(RESERVED), **learn_params
         )
-        learning.update(len(counts))
-        learning.done()
+        progress.emit(f"[vocabulary: learn pieces] done in {time.monotonic() - started:.1f} s")
         return cls(_fit_to_size(learned, vocab_size))
 
     def __len__(self):

@@ -121,3 +121,15 @@ def test_step_progress_reports_steps_not_epochs(capsys):
     quiet = StepProgress(12, verbose=0, clock=clock)
     model.fit(x, y, batch_size=2, epochs=1, steps_per_epoch=4, verbose=0, callbacks=[quiet])
     assert quiet.lines == []
+
+
+def test_wordpiece_learning_says_what_it_learns_from_and_how_long_it_took(capsys):
+    from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
+
+    WordPieceVocabulary.learn(["the cat sat", "the dog sat"] * 20, vocab_size=40, lower_thresh=2)
+    err = capsys.readouterr().err
+    assert "[vocabulary: learn pieces] 4 distinct words, 40 tokens wanted" in err
+    assert "[vocabulary: learn pieces] done in " in err
+    progress.set_enabled(False)
+    WordPieceVocabulary.learn(["the cat sat"] * 20, vocab_size=40, lower_thresh=2)
+    assert capsys.readouterr().err == ""
