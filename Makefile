@@ -38,7 +38,11 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4;
 # `make test`: every test not marked `slow`, under 8 minutes on 2 idle cores.
 # `make test-slow`: the longer end-to-end and learning checks (docs/testing.md);
 # CI runs both. pytest exits 5 when a selection holds no test: not a failure.
+# Under CI=true the HTML report's test needs Chromium (README, Testing): say
+# so at once rather than after the suite.
 test: $(STAMP)
+	@if [ "$$CI" = "true" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	    echo "make test: CI=true needs chromium for tests/pipelines/inspection/report_test.py (apt-get install chromium; .ci/run installs it)" >&2; exit 2; fi
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 

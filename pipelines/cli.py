@@ -1,9 +1,17 @@
-"""The `keras-moe` command line: parses arguments and calls the library."""
+"""The `keras-moe` command line: parses arguments and calls the library.
 
-import argparse
+TensorFlow is imported only once the arguments are parsed and a command
+runs (`--help` and argument errors answer at once), and its C++ start-up
+chatter ("Could not find cuda drivers",
+"failed call to cuInit", oneDNN notices) is silenced unless `--verbose`.
+"""
+
 import dataclasses
 import os
 import sys
+
+from keras_moe.pipelines import progress
+from keras_moe.pipelines.command import CommandParser, load_tensorflow
 
 # Process-wide TensorFlow settings the command line wants (see
 # docs/performance.md). They must be in the environment before TensorFlow
@@ -12,7 +20,10 @@ ENV_DEFAULTS = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _ensure_environment(argv):
-    missing = {k: v for k, v in ENV_DEFAULTS.items() if k not in os.environ}
+    defaults = dict(ENV_DEFAULTS)
+    if "--verbose" in argv:  # TensorFlow's own log level then
+        defaults.pop("TF_CPP_MIN_LOG_LEVEL")
+    missing = {k: v for k, v in defaults.items() if k not in os.environ}
     if not missing or os.environ.get("KERAS_MOE_NO_REEXEC"):
         return
     env = {**os.environ, **missing, "KERAS_MOE_NO_REEXEC": "1"}
@@ -69,6 +80,12 @@ def _split_cpu(args):
         distribution.split_cpu(args.cpu_devices)
 
 
+def _train_progress(config):
+    """`train.verbose: 0` silences the progress lines too."""
+    if config.train.verbose == 0:
+        progress.set_enabled(False)
+
+
 def _train_strategy(config):
     """The run's strategy, made before anything else runs TensorFlow."""
     from keras_moe.pipelines.training import distribution
@@ -76,12 +93,19 @@ def _train_strategy(config):
     return distribution.make_strategy(config.train.strategy)
 
 
+RUN_DIR_HELP = "a run directory written by `train` (or the demo)"
+BEAM_HELP = "beam width (default: the run's decode.beam_width; 1 is greedy)"
+AVERAGE_HELP = "average the last N step checkpoints (default: the run's " \
+    "decode.average_checkpoints; 0 or 1: the final weights)"
+
+
 def build_parser():
+    # Light modules only: `--help` must not wait for TensorFlow.
     from keras_moe.pipelines.lm.demo import DemoConfig
     from keras_moe.pipelines.translate.demo import TranslateDemoConfig
 
-    parser = argparse.ArgumentParser(
-        prog="keras-moe",
+    parser = CommandParser(
+        prog="keras-moe", top=True,
         description="Sparsely-gated Mixture-of-Experts models for Keras (Shazeer et al. 2017).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,7 +137,7 @@ def build_parser():
     evaluate = lm_sub.add_parser(
         "evaluate", help="per-word perplexity of a trained run on a corpus, printed as JSON"
     )
-    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
     evaluate.add_argument("--data", required=True, help="file, glob or directory of text")
     evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
     evaluate.add_argument("--k", type=int, default=None,
@@ -131,7 +155,7 @@ def build_parser():
         "characteristic tokens, per-token experts, gates, logits and margins; tables on "
         "stdout and a self-contained HTML report",
     )
-    inspect.add_argument("--run-dir", required=True)
+    inspect.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
     inspect.add_argument("--data", required=True, help="file, glob or directory of text")
     inspect.add_argument("--layer", default=None, help="one MoE layer by name (default: all)")
     inspect.add_argument(
@@ -155,7 +179,10 @@ def build_parser():
         "evaluations, final scores, configuration differences; runs with the same label "
         "are a group (mean, standard deviation, count)",
     )
-    compare.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR")
+    compare.add_argument(
+        "runs", nargs="+", metavar="[LABEL=]RUN_DIR",
+        help="run directories, each optionally labelled (runs with one label form a group)",
+    )
     compare.add_argument(
         "--metric", dest="metrics", action="append", default=[], metavar="NAME",
         help="a history.csv column, or elapsed_minutes (repeatable; default: val_bleu and "
@@ -185,35 +212,37 @@ def _add_translate_parser(sub):
         "evaluate", help="translate a test set and print BLEU (sacreBLEU, with signature), "
         "tokenized BLEU, chrF and perplexity as JSON; the hypotheses are written to a file"
     )
-    evaluate.add_argument("--run-dir", required=True)
+    evaluate.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
     evaluate.add_argument("--src", required=True, help="source file (text, .gz or .sgm)")
     evaluate.add_argument("--ref", dest="refs", action="append", required=True,
                           help="reference file (repeatable for several references)")
-    evaluate.add_argument("--beam-width", type=int, default=None,
-                          help="default: the run's decode.beam_width; 1 is greedy")
-    evaluate.add_argument("--average", type=int, default=None,
-                          help="average the last N evaluation checkpoints")
+    evaluate.add_argument("--beam-width", type=int, default=None, help=BEAM_HELP)
+    evaluate.add_argument("--average", type=int, default=None, metavar="N", help=AVERAGE_HELP)
     evaluate.add_argument("--out", default=None,
                           help="hypotheses file (default: <run-dir>/eval/<src name>.hyp)")
     evaluate.add_argument("--k", type=int, default=None,
                           help="evaluate at k experts per position (default: the trained k)")
     run = t_sub.add_parser("run", help="translate stdin or a file, one line per sentence")
-    run.add_argument("--run-dir", required=True)
+    run.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
     run.add_argument("--input", default="-", help="file to translate (default: stdin)")
-    run.add_argument("--beam-width", type=int, default=None)
+    run.add_argument("--beam-width", type=int, default=None, help=BEAM_HELP)
     export = t_sub.add_parser(
         "export", help="write a SavedModel that maps raw source strings to translations"
     )
-    export.add_argument("--run-dir", required=True)
+    export.add_argument("--run-dir", required=True, help=RUN_DIR_HELP)
     export.add_argument("--out", required=True, help="new directory for the SavedModel")
-    export.add_argument("--beam-width", type=int, default=None)
-    export.add_argument("--average", type=int, default=None)
+    export.add_argument("--beam-width", type=int, default=None, help=BEAM_HELP)
+    export.add_argument("--average", type=int, default=None, metavar="N", help=AVERAGE_HELP)
     score = t_sub.add_parser(
         "score", help="score any system's output file against references (JSON on stdout)"
     )
-    score.add_argument("--hyp", required=True)
-    score.add_argument("--ref", dest="refs", action="append", required=True)
-    score.add_argument("--target-language", default="de")
+    score.add_argument("--hyp", required=True,
+                       help="the system's output: one detokenized sentence per line")
+    score.add_argument("--ref", dest="refs", action="append", required=True,
+                       help="reference file, one line per --hyp line (repeatable for several "
+                       "references)")
+    score.add_argument("--target-language", default="de",
+                       help="language of the hypotheses, for sacreBLEU's tokenizer (default: de)")
     t_sub.add_parser("presets", help="list the translation presets with their costs")
 
 
@@ -286,15 +315,16 @@ def run_translate(args):
     """`keras-moe translate ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines.translate import train as translate_train
-
     command = args.translate_command
+    if command != "presets":
+        from keras_moe.pipelines.translate import train as translate_train
     if command == "train":
         _split_cpu(args)
         from keras_moe.pipelines.config import load_config
         from keras_moe.pipelines.translate.config import TranslateConfig
 
         config = load_config(TranslateConfig, args.config, _train_overrides(args))
+        _train_progress(config)
         results = translate_train.train(config, args.run_dir, _train_strategy(config))
         summary = {"run_dir": args.run_dir}
         if results.get("chief") is False:
@@ -302,7 +332,8 @@ def run_translate(args):
         for split in ("valid", "test"):
             if split in results:
                 summary[split] = {k: results[split][k] for k in (
-                    "bleu", "bleu_signature", "chrf", "perplexity", "hypotheses_file")}
+                    "bleu", "bleu_signature", "chrf", "perplexity", "truncated",
+                    "hypotheses_file") if k in results[split]}
         print(json.dumps(summary, indent=2))
     elif command == "evaluate":
         print(json.dumps(translate_train.evaluate(
@@ -336,8 +367,8 @@ def run_lm(args):
     """`keras-moe lm ...`: parse, call the library, print."""
     import json
 
-    from keras_moe.pipelines.lm import train as lm_train
-
+    if args.lm_command not in ("demo", "presets"):
+        from keras_moe.pipelines.lm import train as lm_train
     if args.lm_command == "demo":
         from keras_moe.pipelines.lm.demo import DemoConfig, run_demo
 
@@ -348,6 +379,7 @@ def run_lm(args):
         from keras_moe.pipelines.lm.config import LMConfig
 
         config = load_config(LMConfig, args.config, _train_overrides(args))
+        _train_progress(config)
         results = lm_train.train(config, args.run_dir, _train_strategy(config))
         summary = {"run_dir": args.run_dir}
         summary.update({"valid": results["valid"]} if "valid" in results else results)
@@ -393,6 +425,11 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _ensure_environment(argv)
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        progress.set_enabled(False)
+    # Every command past this point uses TensorFlow (the preset tables too:
+    # their costs read the model classes' defaults).
+    load_tensorflow(args.verbose)
     try:
         if args.command == "demo":
             from keras_moe.pipelines.translate.demo import TranslateDemoConfig, run_translate_demo

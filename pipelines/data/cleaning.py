@@ -9,6 +9,8 @@ to `run_dir/cleaning.json`. Both names are also importable from
 
 import dataclasses
 
+from keras_moe.pipelines import progress
+
 
 @dataclasses.dataclass
 class CleaningCounts:
@@ -68,6 +70,10 @@ def clean_pairs(pairs, counts=None, *, max_length=250, max_ratio=3.0):
     >>> counts
     CleaningCounts(read=3, kept=1, empty=1, too_long=0, bad_ratio=1)
     """
+    # A caller that keeps the counts reports them: that pass (the pipeline's
+    # check of its inputs) prints progress lines. Training's own passes,
+    # which read the corpus again in the background, stay silent.
+    report = counts is not None
     if counts is None:
         counts = CleaningCounts()
     elif not isinstance(counts, CleaningCounts):
@@ -85,11 +91,14 @@ def clean_pairs(pairs, counts=None, *, max_length=250, max_ratio=3.0):
             f"`max_ratio` must be a number >= 1 (or None for no limit). "
             f"Received: max_ratio={max_ratio!r}"
         )
-    return _clean(pairs, counts, max_length, max_ratio)
+    return _clean(pairs, counts, max_length, max_ratio, report)
 
 
-def _clean(pairs, counts, max_length, max_ratio):
+def _clean(pairs, counts, max_length, max_ratio, report):
+    # Reading a large corpus takes minutes: progress lines while it does.
+    meter = progress.Progress("read and clean pairs", "pairs", stream=None if report else False)
     for source, target in pairs:
+        meter.update(1, kept=0)
         counts.read += 1
         source_words = source.split()
         target_words = target.split()
@@ -102,4 +111,6 @@ def _clean(pairs, counts, max_length, max_ratio):
             counts.bad_ratio += 1
         else:
             counts.kept += 1
+            meter.extra["kept"] += 1
             yield " ".join(source_words), " ".join(target_words)
+    meter.done(f"; {counts.summary()}")

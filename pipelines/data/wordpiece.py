@@ -12,11 +12,13 @@ it is applied to.
 
 import itertools
 import os
+import time
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.config import VOCAB_LEARNERS, check_learner
 from keras_moe.pipelines.data import wordpiece_learner
 from keras_moe.pipelines.data.lm_corpora import count_words
@@ -129,10 +131,13 @@ class WordPieceVocabulary:
                 lines, vocab_size, RESERVED, max_lines=max_lines, **learn_params)
             return cls(tokens)
         sample = itertools.islice(iter(lines), max_lines)
+        counting = progress.Progress("vocabulary: count words", "lines")
 
         def chunks():
             while chunk := list(itertools.islice(sample, _CHUNK_LINES)):
-                yield np.array([w for line in chunk for w in line.split()], dtype=object)
+                words = [w for line in chunk for w in line.split()]
+                counting.update(len(chunk), words=len(words))
+                yield np.array(words, dtype=object)
 
         dataset = tf.data.Dataset.from_generator(
             chunks, output_signature=tf.TensorSpec([None], tf.string)
@@ -141,9 +146,16 @@ class WordPieceVocabulary:
             counts = wordpiece_tokenizer_learner_lib.count_words(dataset)
         except StopIteration:  # the learner's way of saying "no word at all"
             raise ValueError("no word to learn a WordPiece vocabulary from") from None
+        counting.done()
+        # The learner reports nothing while it works: say what it works on,
+        # then how long it took.
+        progress.emit(f"[vocabulary: learn pieces] {len(counts):,} distinct words, "
+                      f"{vocab_size:,} tokens wanted (tensorflow_text learner)")
+        started = time.monotonic()
         learned = wordpiece_tokenizer_learner_lib.learn(
             counts, vocab_size, list(RESERVED), **learn_params
         )
+        progress.emit(f"[vocabulary: learn pieces] done in {time.monotonic() - started:.1f} s")
         return cls(_fit_to_size(learned, vocab_size))
 
     def __len__(self):

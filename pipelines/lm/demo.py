@@ -11,15 +11,14 @@ vocabulary, the trained `.keras` model and `results.json`.
 import dataclasses
 import time
 
-import keras
 import numpy as np
 
-import keras_moe
-from keras_moe.models.lm import moe_lstm_language_model
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import corpora
-from keras_moe.pipelines.data.vocabulary import WordVocabulary
-from keras_moe.pipelines.lm.inputs import array_perplexity, stream_arrays
-from keras_moe.pipelines.training.rundir import RunDir
+
+# TensorFlow, Keras and the modules that import them are imported inside the
+# functions: the command line builds its `--help` from `DemoConfig` without
+# waiting for TensorFlow.
 
 
 @dataclasses.dataclass
@@ -92,6 +91,14 @@ def expert_load_table(model, inputs, batch_size=64):
 
 def run_demo(config):
     """Train, evaluate and report; returns the results dict."""
+    import keras
+
+    import keras_moe
+    from keras_moe.models.lm import moe_lstm_language_model
+    from keras_moe.pipelines.data.vocabulary import WordVocabulary
+    from keras_moe.pipelines.lm.inputs import array_perplexity, stream_arrays
+    from keras_moe.pipelines.training.rundir import RunDir
+
     keras.utils.set_random_seed(config.seed)
     run = RunDir(config.run_dir).makedirs()
     started = time.time()
@@ -182,6 +189,6 @@ def run_demo(config):
     for alarm in results["collapse_alarms"]:
         print(f"COLLAPSE ALARM at step {alarm['step']} in {alarm['layer']}: "
               + "; ".join(alarm["reasons"]))
-    print(f"run directory: {config.run_dir} (TensorBoard: tensorboard --logdir {log_dir})")
+    print(f"run directory: {config.run_dir} (TensorBoard: {progress.tensorboard_command(log_dir)})")
     print(f"wall time {results['wall_seconds']} s")
     return results

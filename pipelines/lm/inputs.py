@@ -116,6 +116,30 @@ def sentence_rows(lines, vocab, max_len=None):
         yield inputs, targets, np.ones(len(ids), np.float32)
 
 
+# Sentences-mode evaluation keeps every line whole, one line a row, so one
+# pathological line (a 100k-word "sentence") would make a [batch, 100k, vocab]
+# logits tensor. Longer lines are evaluated in consecutive segments of this
+# many tokens instead: every token is still predicted and counted once; each
+# segment starts from the token before it, with a fresh LSTM state.
+MAX_EVAL_SENTENCE_TOKENS = 1024
+
+
+def sentence_segments(lines, vocab, max_len=MAX_EVAL_SENTENCE_TOKENS, counts=None):
+    """`sentence_rows` with every line of more than `max_len` tokens split into segments.
+
+    `counts["segmented_lines"]` (when `counts` is a dict) counts the lines split.
+    """
+    for inputs, targets, weights in sentence_rows(lines, vocab):
+        if len(targets) <= max_len:
+            yield inputs, targets, weights
+            continue
+        if counts is not None:
+            counts["segmented_lines"] = counts.get("segmented_lines", 0) + 1
+        for start in range(0, len(targets), max_len):
+            end = start + max_len
+            yield inputs[start:end], targets[start:end], weights[start:end]
+
+
 def _bucket_boundaries(max_len):
     bounds, b = [], 8
     while b < max_len:
@@ -173,19 +197,20 @@ def training_dataset(lines_factory, vocab, data_config, seed=0, repeat=True):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_batches(lines, vocab, data_config):
+def evaluation_batches(lines, vocab, data_config, counts=None):
     """Batches `(inputs, targets, weights)` covering an evaluation text in order.
 
     Stream mode uses windows of `eval_seq_len` (or `seq_len`); sentences mode
     keeps every sentence whole. Every batch has `eval_batch_size` rows (the
     last is padded with weight-0 rows) so a compiled step is traced once per
-    row length.
+    row length. Sentences longer than `MAX_EVAL_SENTENCE_TOKENS` are split
+    (`sentence_segments`, counted in `counts` when it is a dict).
     """
     c = data_config
     if c.mode == "stream":
         rows = stream_windows(lines, vocab, c.eval_seq_len or c.seq_len)
     else:
-        rows = sentence_rows(lines, vocab)
+        rows = sentence_segments(lines, vocab, counts=counts)
     while batch := list(itertools.islice(rows, c.eval_batch_size)):
         width = max(len(r[0]) for r in batch)
         out = [np.zeros((c.eval_batch_size, width), dt) for dt in (np.int32, np.int32, np.float32)]

@@ -36,11 +36,13 @@ per-word perplexity over whole files.
 """
 
 import itertools
+import sys
 import time
 
 from keras_moe.inference_k import set_inference_k
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import lm_corpora, shards
 from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
@@ -130,7 +132,10 @@ def build_vocabulary(config, run_dir):
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
     if c.vocabulary == "wordpiece":
         return WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
-    return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
+    # Counting the words of millions of lines takes minutes: progress lines.
+    counted = progress.iterate(limited, "vocabulary: count words", "lines",
+                               count=lambda line: {"words": len(line.split())})
+    return WordVocabulary.build((line.split() for line in counted), c.vocab_size, c.min_count)
 
 
 def build_model(config, vocab_size, compile=True):
@@ -157,7 +162,8 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
             yield line
 
     with_routing = routing and any(block == "moe" for block in model.blocks)
-    batches = lm_input.evaluation_batches(counted(), vocab, data_config)
+    segmented = {}
+    batches = lm_input.evaluation_batches(counted(), vocab, data_config, segmented)
     total, count, stats = 0.0, 0.0, RoutingStatistics()
     for summed, weight, routings in lm_input.batch_nll(model, batches, with_routing):
         total += summed
@@ -166,6 +172,13 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
     # The lines are all read now, so `words` is the file's word count.
     result = lm_input.perplexity_result(total, count, words)
     result["convention"] = CONVENTION
+    if data_config.mode == "sentences":
+        # Lines too long for one row, evaluated in segments (lm_input.sentence_segments).
+        result["segmented_lines"] = segmented.get("segmented_lines", 0)
+        if result["segmented_lines"]:
+            print(f"{result['segmented_lines']} lines longer than "
+                  f"{lm_input.MAX_EVAL_SENTENCE_TOKENS} tokens were evaluated in segments of "
+                  f"{lm_input.MAX_EVAL_SENTENCE_TOKENS}", file=sys.stderr, flush=True)
     if routing:
         result["routing"] = stats.result()
     return result
@@ -281,7 +294,8 @@ def evaluate(run_dir, data, format=None, k=None):
 
     Returns:
         dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
-        `tokens_per_second` (of the evaluation pass), `k`, `data` and `model`.
+        `tokens_per_second` (of the evaluation pass), `k`, `unk_tokens`, `unk_rate`,
+        `unk_convention`, `data` and `model`.
     """
     config, vocab, model, model_path = load_run(run_dir)
     if k is not None:
@@ -297,4 +311,22 @@ def evaluate(run_dir, data, format=None, k=None):
     result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - start)
     if not result["routing"]:
         del result["routing"]  # a model without MoE blocks
-    return {**result, "k": k, "data": data, "model": model_path}
+    return {**result, **unk_counts(factory, vocab), "k": k, "data": data, "model": model_path}
+
+
+UNK_CONVENTION = (
+    "tokens of the text outside the vocabulary are all the one <unk> token, which the model "
+    "predicts like any other (the PTB convention): a text of many unseen words gets a low "
+    "perplexity that says nothing about them; unk_rate is <unk> tokens / tokens, <eos> excluded"
+)
+
+
+def unk_counts(factory, vocab):
+    """How many tokens of the text `factory()` yields are `<unk>` (`<eos>` excluded)."""
+    unk_id = vocab.encode_line("\x00<not-a-word>\x00")[0]
+    tokens = unk = 0
+    for ids in lm_input.encoded_lines(factory(), vocab):
+        tokens += len(ids) - 1
+        unk += sum(1 for i in ids[:-1] if i == unk_id)
+    return {"unk_tokens": unk, "unk_rate": round(unk / tokens, 6) if tokens else 0.0,
+            "unk_convention": UNK_CONVENTION}

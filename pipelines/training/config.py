@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = 1
     monitor_every_n_steps: int = 50  # routing histograms and bar charts
     time_limit_minutes: float | None = None  # stop after this much wall time
-    verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 a line per epoch
+    verbose: int = 1  # 0 silent, 1 step lines (every 10 s) and evaluations, 2 evaluations only
     strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
     expert_parallel: bool = False  # mirrored only: E / replicas experts per replica
 

@@ -52,6 +52,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
     write_backup,
 )
 from keras_moe.pipelines.training.rundir import RunDir
+from keras_moe.pipelines.training.step_progress import StepProgress
 
 # Keys that only steer how a run is executed: a resumed run may change them.
 RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
@@ -182,6 +183,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         # numbered by the optimizer's step, so they go on after a resume.
         keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),
         BatchSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
+        # Steps, loss, rates and evaluations (fit itself runs with verbose=0).
+        StepProgress(train.steps, train.verbose, time_limit_minutes=train.time_limit_minutes),
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))
@@ -228,7 +231,7 @@ def fit_and_save(model, dataset, train, callbacks, run_dir):
         dataset = dataset.skip(done)
     history = model.fit(
         dataset, epochs=-(-train.steps // train.steps_per_eval), initial_epoch=epoch,
-        steps_per_epoch=train.steps_per_eval, callbacks=callbacks, verbose=train.verbose,
+        steps_per_epoch=train.steps_per_eval, callbacks=callbacks, verbose=0,
         shuffle=False,  # the dataset shuffles itself
     )
     train_seconds = time.time() - start

@@ -104,12 +104,16 @@ class DataConfig:
     shuffle_buffer: int = 50_000  # pairs
     eval_batch_size: int = 64  # sentences per evaluation or decoding batch
     valid_bleu_sentences: int = 0  # validation BLEU during training on the first N (0: all)
+    # Validation and test sentences of more pieces are cut to this many for
+    # decoding and perplexity (counted in results.json's `truncated`).
+    max_eval_pieces: int = 256
 
     def __post_init__(self):
         for name in ("vocab_max_pairs", "vocab_max_words", "vocab_iterations", "max_length", "max_pieces", "batch_tokens",
                      "shuffle_buffer", "eval_batch_size"):
             check_positive(name, getattr(self, name))
         check_positive("valid_bleu_sentences", self.valid_bleu_sentences, allow_zero=True)
+        check_positive("max_eval_pieces", self.max_eval_pieces)
         check_learner(self.vocab_learner)
         if self.vocab_size < 4:
             raise ValueError(f"`vocab_size` must be >= 4. Received: vocab_size={self.vocab_size}")

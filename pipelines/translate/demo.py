@@ -26,9 +26,8 @@ import time
 
 import numpy as np
 
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import corpora, parallel_corpora
-from keras_moe.pipelines.training.rundir import RunDir
-from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.pipelines.translate.config import (
     CorpusConfig,
     DataConfig,
@@ -170,7 +169,7 @@ def demo_config(config, train, valid, test):
         train=TrainConfig(
             steps=steps, steps_per_eval=config.steps_per_eval,
             learning_rate=config.learning_rate, warmup_steps=200, hold_steps=1000,
-            seed=config.seed, time_limit_minutes=config.minutes, verbose=2,
+            seed=config.seed, time_limit_minutes=config.minutes, verbose=1,
             monitor_every_n_steps=25,
         ),
         decode=DecodeConfig(beam_width=config.beam_width),
@@ -179,6 +178,11 @@ def demo_config(config, train, valid, test):
 
 def run_translate_demo(config):
     """Prepare the data, train, evaluate and print the report; returns the results dict."""
+    # Here, not at the top: the command line builds its `--help` from
+    # `TranslateDemoConfig` without waiting for TensorFlow.
+    from keras_moe.pipelines.training.rundir import RunDir
+    from keras_moe.pipelines.translate import train as translate_train
+
     started = time.time()
     run = RunDir(config.run_dir)
     data_dir = run.demo_data_dir
@@ -200,6 +204,9 @@ def run_translate_demo(config):
 def _report(config, run_config, results, seconds):
     test = results["test"]
     print()
+    overrides = ", ".join(f"{k}={v}" for k, v in results["model"]["preset_overrides"].items())
+    print(f"model: preset {results['model']['preset']}"
+          + (f", overridden: {overrides}" if overrides else ""))
     print(f"trained {results['steps']} steps in {results['train_seconds']:.0f} s "
           f"({results['cleaning']['kept']} training pairs after cleaning: "
           f"{_cleaning_line(results['cleaning'])})")
@@ -215,8 +222,11 @@ def _report(config, run_config, results, seconds):
         busiest = " ".join(f"{e}:{share[e]:.3f}" for e in np.argsort(-share)[:16])
         print(f"  token share per expert, busiest first: {busiest}")
     print(f"hypotheses: {test['hypotheses_file']}")
+    from keras_moe.pipelines.training.rundir import RunDir
+
+    log_dir = RunDir(config.run_dir).tensorboard_dir
     print(f"run directory: {config.run_dir} "
-          f"(TensorBoard: tensorboard --logdir {RunDir(config.run_dir).tensorboard_dir})")
+          f"(TensorBoard: {progress.tensorboard_command(log_dir)})")
     print(f"wall time {seconds:.0f} s")
 
 

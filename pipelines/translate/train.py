@@ -40,6 +40,7 @@ validation BLEU, and the final scores of the (checkpoint-averaged) model.
 
 import json
 import os
+import sys
 import time
 
 import keras
@@ -47,6 +48,7 @@ import numpy as np
 
 from keras_moe.inference_k import set_inference_k
 from keras_moe.models import translation_presets
+from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import parallel_corpora
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.training import guards, trainer
@@ -63,6 +65,8 @@ from keras_moe.pipelines.translate.evaluation import (  # noqa: F401
     average_checkpoints,
     averaged_model,
     evaluate_pairs,
+    limit_lines,
+    limit_pairs,
     score_split,
     step_checkpoints,
     translate_ids,
@@ -154,6 +158,7 @@ class TranslationTask(trainer.Task):
         """The run directory and vocabulary, then `cleaning.json`; True when resuming."""
         resumed = super().prepare(config, run, vocab, counts)
         run.write_json(run.cleaning_file, {**vars(counts), "summary": counts.summary()})
+        progress.emit(f"[cleaning] training pairs: {counts.summary()}")
         return resumed
 
     def build_model(self, config, vocab_size):
@@ -178,8 +183,12 @@ class TranslationTask(trainer.Task):
         )
 
     def validation(self, config, vocab):
+        # Overlong sentences cut once, here: `ValidationScores` decodes them
+        # at every evaluation.
+        pairs, _ = limit_pairs(vocab, _valid_pairs(config), config.data.max_eval_pieces,
+                               "validation")
         validation = ValidationScores(
-            _valid_pairs(config), vocab, config.decode, config.data.eval_batch_size,
+            pairs, vocab, config.decode, config.data.eval_batch_size,
             config.data.valid_bleu_sentences, config.decode.valid_beam_width,
             config.data.target_language,
         )
@@ -204,6 +213,9 @@ class TranslationTask(trainer.Task):
         evaluated = averaged_model(model, run, config.decode.average_checkpoints)
         # How many step checkpoints the evaluated weights average (0: the final weights).
         results["averaged_checkpoints"] = getattr(evaluated, "averaged_checkpoints", 0)
+        # The preset and what this run changed in it, explicitly.
+        results["model"] = {"preset": config.model.preset,
+                            "preset_overrides": config.model.overrides()}
         out_dir = run.translations_dir
         valid = score_split(evaluated, vocab, config, _valid_pairs(config), "valid", out_dir,
                             routing=True)
@@ -273,8 +285,11 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
         set_inference_k(model, k)
     d = config.decode
     beam = d.beam_width if beam_width is None else beam_width
+    limited, truncated = limit_pairs(vocab, zip(sources, streams[0], strict=True),
+                                     config.data.max_eval_pieces, source)
     start = time.perf_counter()
-    hypotheses = translate_lines(model, vocab, sources, d, config.data.eval_batch_size, beam)
+    hypotheses = translate_lines(model, vocab, [s for s, _ in limited], d,
+                                 config.data.eval_batch_size, beam)
     decoding_seconds = time.perf_counter() - start
     out = out or RunDir.wrap(run_dir).eval_hypotheses(source)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -282,13 +297,13 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
         f.write("".join(h + "\n" for h in hypotheses))
     scores = scoring.score(hypotheses, streams, target_language=config.data.target_language)
     start = time.perf_counter()
-    result = evaluate_pairs(model, vocab, list(zip(sources, streams[0], strict=True)),
-                            config.data.eval_batch_size, routing=True)
+    result = evaluate_pairs(model, vocab, limited, config.data.eval_batch_size, routing=True)
     result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - start)
-    result["sentences_per_second"] = len(sources) / decoding_seconds
+    result["sentences_per_second"] = len(limited) / decoding_seconds
     if not result["routing"]:
         del result["routing"]
-    result = {**scores, **result, "k": k, "beam_width": beam, "source": source,
+    result = {**scores, **result, "truncated": truncated, "k": k, "beam_width": beam,
+              "source": source,
               "references": list(references), "hypotheses_file": out, "model": model_path}
     with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
@@ -296,10 +311,18 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
 
 
 def run(run_dir, lines, beam_width=None, chunk=64):
-    """Translate an iterable of lines chunk by chunk; yields one translation per line."""
+    """Translate an iterable of lines chunk by chunk; yields one translation per line.
+
+    Lines of more than `data.max_eval_pieces` pieces are cut to them (a note
+    on stderr counts them).
+    """
     config, vocab, model, _ = load_run(run_dir)
     lines = iter(lines)
     while batch := [line.rstrip("\n") for _, line in zip(range(chunk), lines, strict=False)]:
+        batch, cut = limit_lines(vocab, batch, config.data.max_eval_pieces)
+        if cut:
+            print(f"{len(cut)} input lines longer than {config.data.max_eval_pieces} pieces "
+                  "were cut to them (data.max_eval_pieces)", file=sys.stderr, flush=True)
         yield from translate_lines(model, vocab, batch, config.decode,
                                    config.data.eval_batch_size, beam_width)
 

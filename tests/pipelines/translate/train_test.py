@@ -334,3 +334,28 @@ def test_cli_export_translates_like_the_run(cli_run, corpus, tmp_path):
     assert load_translator(str(out))(source) == expected
     again = run_cli("translate", "export", "--run-dir", str(run_dir), "--out", str(out))
     assert again.returncode == 2 and str(out) in again.stderr
+
+
+def test_evaluate_cuts_a_100k_character_source_line_and_reports_it(cli_run, corpus, tmp_path,
+                                                                    capsys):
+    """Issue 28, point 7: one overlong test line is cut to data.max_eval_pieces, counted."""
+    run_dir, _ = cli_run
+    src, ref = tmp_path / "long.en", tmp_path / "long.de"
+    words = [ENGLISH[i % len(ENGLISH)] for i in range(22_000)]
+    long_source = " ".join(words)
+    assert len(long_source) > 100_000
+    src.write_text(f"the cat .\n{long_source}\n", encoding="utf-8")
+    ref.write_text("die Katze .\n" + " ".join(LEXICON[w] for w in words) + "\n",
+                   encoding="utf-8")
+    result = translate_train.evaluate(str(run_dir), str(src), [str(ref)], beam_width=1,
+                                      out=str(tmp_path / "long.hyp"))
+    assert result["truncated"] == {"max_pieces": 256, "sources": 1, "references": 1}
+    assert result["sentences"] == 2
+    assert "1 source and 1 reference sentences longer than 256 pieces" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "long.json").read_text())
+    assert saved["truncated"]["sources"] == 1
+    # results.json names the preset and, explicitly, what the run overrode in it.
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["model"]["preset"] == "cpu-gnmt-moe-16"
+    assert results["model"]["preset_overrides"]["model_dim"] == 16
+    assert results["model"]["preset_overrides"]["num_experts"] == 4
