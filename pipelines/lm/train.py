@@ -43,8 +43,9 @@ from keras_moe.pipelines.data import lm_corpora, shards
 from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
-from keras_moe.pipelines.lm.config import LMConfig
+from keras_moe.pipelines.lm.config import LMConfig, tokens_per_step
 from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
 
@@ -84,6 +85,33 @@ def lines_factory(data_config, split, seed=0):
         return lm_corpora.iter_lines(spec, format=fmt, split=split, **kwargs)
 
     return factory
+
+
+def first_words(factory, max_words):
+    """A lines factory of the first lines of `factory`'s that hold `max_words` words.
+
+    The slice is the shortest run of whole lines from the start whose
+    whitespace words add up to at least `max_words` (the last line is kept
+    whole); `max_words=0` keeps every line. The same lines every call, so
+    every evaluation during training reads the same fixed slice.
+
+    Example:
+
+    >>> list(first_words(lambda: iter(["a b", "c d e", "f"]), 4)())
+    ['a b', 'c d e']
+    """
+    if not max_words:
+        return factory
+
+    def limited():
+        words = 0
+        for line in factory():
+            if words >= max_words:
+                return
+            yield line
+            words += len(line.split())
+
+    return limited
 
 
 def check_inputs(config):
@@ -218,14 +246,25 @@ class LanguageModelTask(trainer.Task):
         return None if model.num_sampled else super().weighted_metrics(model)
 
     def training_dataset(self, config, vocab, data_config):
+        # A one-pass budget (`train.max_tokens`) reads the data once: no repeat.
         return lm_input.training_dataset(
             lines_factory(data_config, "train", seed=config.train.seed), vocab, data_config,
-            seed=config.train.seed
+            seed=config.train.seed, repeat=config.train.max_tokens is None,
         )
 
     def validation(self, config, vocab):
-        validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
+        # During training: the fixed slice `data.valid_max_words` (the final
+        # evaluation, `evaluate_run`, reads the whole file).
+        factory = first_words(lines_factory(config.data, "valid"), config.data.valid_max_words)
+        validation = ValidationPerplexity(factory, vocab, config.data)
         return validation, "val_perplexity", "min"
+
+    def extra_callbacks(self, config, run):
+        """`TokenBudget` (stream mode): tokens seen in the logs and TensorBoard; `max_tokens`."""
+        if config.data.mode != "stream":
+            return []
+        return [TokenBudget(tokens_per_step(config.data), config.train.max_tokens,
+                            config.train.steps_per_eval, run.tensorboard_dir)]
 
     def costs(self, model):
         return presets.costs(model.get_config())

@@ -42,6 +42,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
     resume_step,
     write_backup,
 )
+from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 
 # Keys that only steer how a run is executed: a resumed run may change them.
@@ -125,13 +126,15 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         keras.callbacks.TerminateOnNaN(),
         # Before the logger and checkpoints, which read the values it adds.
         validation,
+        # After the validation (it logs val_* by tokens), before the logger (it adds `tokens`).
+        *[c for c in extra if isinstance(c, TokenBudget)],
         HistoryLogger(run.history_file),
         keras.callbacks.ModelCheckpoint(run.last_checkpoint),
         keras.callbacks.ModelCheckpoint(
             run.best_checkpoint, monitor=monitor, mode=mode,
             save_best_only=True,
         ),
-        *extra,
+        *[c for c in extra if not isinstance(c, TokenBudget)],
         # Keras's callback for the `epoch_*` curves; the `batch_*` ones are
         # numbered by the optimizer's step, so they go on after a resume.
         keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),
