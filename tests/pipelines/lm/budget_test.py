@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_moe.pipelines.compare import compare, markdown
 from keras_moe.pipelines.config import ConfigError, load_config
 from keras_moe.pipelines.lm import train as lm_train
 from keras_moe.pipelines.lm.config import LMConfig
@@ -99,6 +100,12 @@ def test_budget_stops_at_its_tokens_and_logs_them(tmp_path, corpus):
     assert [e.step for e in events] == [96, 192, 224]
     logged = [float(r["val_perplexity"]) for r in rows]
     assert [float(tf.make_ndarray(e.tensor_proto)) for e in events] == pytest.approx(logged)
+    # `keras-moe compare` shows the tokens next to the step.
+    comparison = compare([f"budget={run_dir}"])
+    curve = comparison["curves"]["val_perplexity"]
+    assert [(r["step"], r["tokens"]) for r in curve] == [(3, 96), (6, 192), (7, 224)]
+    assert "| step | tokens | budget |" in markdown(comparison)
+    assert "| 6 | 192 | " in markdown(comparison)
 
 
 def test_one_pass_is_never_repeated(tmp_path, corpus, monkeypatch):
