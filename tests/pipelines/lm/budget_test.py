@@ -106,6 +106,12 @@ def test_budget_stops_at_its_tokens_and_logs_them(tmp_path, corpus):
     assert [(r["step"], r["tokens"]) for r in curve] == [(3, 96), (6, 192), (7, 224)]
     assert "| step | tokens | budget |" in markdown(comparison)
     assert "| 6 | 192 | " in markdown(comparison)
+    # Out of domain: `lm evaluate` on a gzip file of paragraphs, one per line,
+    # as ../shared/data/wikipedia_extract/valid.txt.gz is.
+    other = random_lines(7, 5)
+    evaluated = lm_train.evaluate(str(run_dir), write_lines(tmp_path / "valid.txt.gz", other))
+    assert evaluated["words"] == sum(len(line.split()) + 1 for line in other)
+    assert math.isfinite(evaluated["perplexity"])
 
 
 def test_one_pass_is_never_repeated(tmp_path, corpus, monkeypatch):
