@@ -44,6 +44,9 @@ class DataConfig:
     min_count: int = 1
     vocab_max_lines: int = 2_000_000  # lines read to build the vocabulary
     vocab_learner: str = "tensorflow_text"  # wordpiece: tensorflow_text | tokenizers (compiled)
+    # wordpiece: `learned` keeps the learner's ids; `frequency` numbers the pieces by
+    # frequency, as the sampled softmax's log-uniform proposal assumes.
+    vocab_order: str = "learned"
     mode: str = "stream"  # stream: fixed windows over the text; sentences: one line per row
     seq_len: int = 35  # stream mode: window length
     batch_size: int = 64  # stream mode: windows per batch
@@ -72,6 +75,11 @@ class DataConfig:
                 f"Received: vocabulary={self.vocabulary!r}"
             )
         check_learner(self.vocab_learner)
+        if self.vocab_order not in ("learned", "frequency"):
+            raise ValueError(
+                "`vocab_order` must be 'learned' or 'frequency'. "
+                f"Received: vocab_order={self.vocab_order!r}"
+            )
         if self.mode not in ("stream", "sentences"):
             raise ValueError(f"`mode` must be 'stream' or 'sentences'. Received: mode={self.mode!r}")
         if self.vocab_size < 4:

@@ -37,6 +37,8 @@ per-word perplexity over whole files.
 
 import itertools
 
+import numpy as np
+
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data import lm_corpora, shards
@@ -147,8 +149,46 @@ def build_vocabulary(config, run_dir):
     lines = lines_factory(c, "train")()
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
     if c.vocabulary == "wordpiece":
-        return WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
+        vocab = WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
+        if c.vocab_order == "frequency":
+            sample = lines_factory(c, "train")()
+            count = min(c.vocab_max_lines, FREQUENCY_ORDER_LINES)
+            vocab = frequency_ordered(
+                vocab, (line for _, line in zip(range(count), sample, strict=False))
+            )
+        return vocab
     return WordVocabulary.build((line.split() for line in limited), c.vocab_size, c.min_count)
+
+
+# Lines of the training text whose pieces are counted for `data.vocab_order: frequency`.
+FREQUENCY_ORDER_LINES = 100_000
+
+
+def frequency_ordered(vocab, lines):
+    """`vocab` with its ids in order of frequency on `lines` (`data.vocab_order: frequency`).
+
+    The sampled softmax draws candidates log-uniformly by id (`num_sampled`,
+    as the paper's importance sampling assumes: id rank = frequency rank).
+    WordPiece learners number pieces by other orders (alphabetically, by
+    merge), which puts "the" near id 30,000 of 32,000 and gives the proposal
+    almost nothing to do with the text. The reserved `<pad>`, `<unk>`,
+    `<eos>` keep ids 0-2; the other pieces follow by count on `lines`, most
+    frequent first, ties (unseen pieces included) in their old order. The
+    pieces themselves, and so how text is split, do not change.
+
+    Example:
+
+    >>> vocab = WordPieceVocabulary(["<pad>", "<unk>", "<eos>", "a", "b", "##b"])
+    >>> frequency_ordered(vocab, ["b b", "bb bb a"]).tokens
+    ['<pad>', '<unk>', '<eos>', 'b', '##b', 'a']
+    """
+    counts = np.zeros(len(vocab), np.int64)
+    for ids in lm_input.encoded_lines(lines, vocab):
+        counts += np.bincount(np.asarray(ids, np.int64), minlength=len(vocab))
+    reserved = 3
+    rest = reserved + np.argsort(-counts[reserved:], kind="stable")
+    tokens = vocab.tokens[:reserved] + [vocab.tokens[i] for i in rest]
+    return WordPieceVocabulary(tokens)
 
 
 def build_model(config, vocab_size, compile=True):

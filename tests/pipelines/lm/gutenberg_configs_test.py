@@ -60,6 +60,7 @@ def test_budget_evaluations_and_validation_slice():
     assert {5_000_000, 15_000_000, 30_000_000, 60_000_000} <= evaluations
     assert data.valid_max_words == 200_000 and train.time_limit_minutes
     assert data.vocab_learner == "tokenizers" and data.interleave_block_lines > 0
+    assert data.vocab_order == "frequency"  # the sampled softmax's proposal assumes it
     assert config.model.num_sampled and config.model.num_sampled < data.vocab_size
 
 

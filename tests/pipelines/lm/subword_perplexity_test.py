@@ -80,3 +80,27 @@ def test_validation_slice_words_are_whitespace_words(old_run):
     factory = lm_train.lines_factory(config(old_run).data, "valid")
     assert list(lm_train.first_words(factory, 2)()) == LINES[:1]
     assert list(lm_train.first_words(factory, 3)()) == LINES
+
+
+def test_frequency_order_renumbers_pieces_by_count(old_run):
+    # In LINES: c 2, ##a 2, ##t 3, ##s 1, a 1, t 0; <eos> keeps id 2.
+    vocab = RunDir.wrap(str(old_run / "run")).load_vocabulary()
+    ordered = lm_train.frequency_ordered(vocab, LINES)
+    assert ordered.tokens == ["<pad>", "<unk>", "<eos>", "##t", "c", "##a", "a", "##s", "t"]
+    # The same pieces: the text splits as before, only the ids change.
+    decode = dict(enumerate(ordered.tokens))
+    assert [[decode[i] for i in ids] for ids in ordered.encode_lines(LINES)] == [
+        [vocab.tokens[i] for i in ids] for ids in PIECES
+    ]
+
+
+def test_the_pipeline_orders_a_new_vocabulary_when_asked(old_run):
+    learned = lm_train.build_vocabulary(config(old_run), None)
+    ordered = lm_train.build_vocabulary(config(old_run, "data.vocab_order=frequency"), None)
+    assert sorted(ordered.tokens) == sorted(learned.tokens)
+    counts = {}
+    for ids in ordered.encode_lines(LINES):
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+    seen = [counts.get(i, 0) for i in range(3, len(ordered))]
+    assert seen == sorted(seen, reverse=True) and seen[0] > 0
