@@ -25,6 +25,48 @@ _PAPER = dict(model_dim=512, expert_hidden_dim=1024, dropout=0.1)
 # A laptop-sized stack with the same shape, and its compute-matched baselines.
 _CPU = dict(model_dim=256, expert_hidden_dim=256, dropout=0.2)
 
+# The one-pass Gutenberg experiment (issue 26): two LSTMs of `_GUTENBERG_DIM`
+# and a middle block of `_GUTENBERG_BLOCK` hidden units' worth of multiply-adds
+# per token. See `_gutenberg_presets`.
+_GUTENBERG_DIM = 128
+_GUTENBERG_BLOCK = 1024
+# No dropout: in one pass nothing is seen twice, so there is nothing to memorise.
+_GUTENBERG = dict(model_dim=_GUTENBERG_DIM, dropout=0.0)
+
+
+def _gutenberg_presets():
+    """The Gutenberg presets, matched on multiply-adds per timestep.
+
+    A dense middle block of `f` ReLU units costs `2 d f` multiply-adds per
+    position. A flat MoE with noisy top-k gating costs `2 d (k h + E)`: its
+    `k` experts of `h` hidden units and its `w_gate` and `w_noise` (`d x E`
+    each); a hierarchical one `2 d (k^2 h + G + k E / G)` (`costs`). So each
+    MoE gets the expert width `h` that makes its block cost the dense
+    block's exactly: `h = (f - E) / k` flat, `(f - G - k E / G) / k^2`
+    hierarchical. More experts leave less compute for each (the gate grows
+    with E), as in the paper, whose MoE-256 spends 3% of its 8.6M
+    ops/timestep on gating (Table 7).
+    """
+    f, out = _GUTENBERG_BLOCK, {}
+    out["gutenberg-dense"] = dict(_GUTENBERG, blocks=("lstm", "ffn", "lstm"), ffn_hidden_dim=f)
+    for e in (16, 64, 256):
+        out[f"gutenberg-moe-{e}"] = dict(
+            _GUTENBERG, num_experts=e, k=4, expert_hidden_dim=(f - e) // 4
+        )
+    groups, per_group, k = 32, 32, 2
+    out["gutenberg-moe-1024-h"] = dict(
+        _GUTENBERG, num_experts=groups * per_group, num_groups=groups, k=k,
+        expert_hidden_dim=(f - groups - k * per_group) // (k * k),
+    )
+    # The floor: the same two LSTMs, no middle block.
+    out["gutenberg-2xlstm"] = dict(_GUTENBERG, blocks=("lstm", "lstm"))
+    return out
+
+
+# The compute-matched Gutenberg presets (the floor, `gutenberg-2xlstm`, aside).
+GUTENBERG_MATCHED = ("gutenberg-dense", "gutenberg-moe-16", "gutenberg-moe-64",
+                     "gutenberg-moe-256", "gutenberg-moe-1024-h")
+
 PRESETS = {
     # Flat MoE between two LSTMs, k=4 of E experts (Table 7, MoE-4..MoE-256).
     "moe-4": dict(_PAPER, num_experts=4, k=4),
@@ -52,6 +94,7 @@ PRESETS = {
     # The laptop stack without its middle block: what the MoE and the dense
     # block are measured against when asking how much the block can add.
     "cpu-2xlstm": dict(_CPU, blocks=("lstm", "lstm")),
+    **{name: dict(arguments) for name, arguments in _gutenberg_presets().items()},
 }
 
 

@@ -239,7 +239,8 @@ def compare(specs, metrics=None):
         (each configuration key whose value is not the same in every run,
         with each run's value, "(absent)" where a run's configuration lacks
         the key), `curves` (per metric, one entry per step at
-        which some run evaluated, with each group's summary there), `best`
+        which some run evaluated, with each group's summary there and, for
+        runs that log them, the training `tokens` seen by then), `best`
         (per metric, each group's summary of its runs' best values and the
         steps they were reached at) and `final` (per `results.json` score,
         each group's summary).
@@ -280,9 +281,9 @@ def compare(specs, metrics=None):
         steps = sorted({e["step"] for run in runs for e in run.evaluations
                         if e.get(metric) is not None})
         curves[metric] = [
-            {"step": step, **{label: _summary([by_step[id(run)].get(step, {}).get(metric)
-                                               for run in group])
-                              for label, group in groups.items()}}
+            {"step": step, **_tokens_at(step, runs, by_step),
+             **{label: _summary([by_step[id(run)].get(step, {}).get(metric) for run in group])
+                for label, group in groups.items()}}
             for step in steps
         ]
         if metric == "elapsed_minutes":  # a clock, not a score: no best
@@ -311,6 +312,18 @@ def compare(specs, metrics=None):
         "best": best,
         "final": final,
     }
+
+
+def _tokens_at(step, runs, by_step):
+    """`{"tokens": n}`: the training tokens the runs had seen at `step` (the `tokens`
+    column of `history.csv`, `training/budget.py`); a list where runs differ; {} without."""
+    seen = list(dict.fromkeys(
+        int(e["tokens"]) for run in runs
+        if (e := by_step[id(run)].get(step)) is not None and e.get("tokens") is not None
+    ))
+    if not seen:
+        return {}
+    return {"tokens": seen[0] if len(seen) == 1 else seen}
 
 
 def _cell(summary, group_size, digits=2):
@@ -349,6 +362,18 @@ def markdown(comparison):
         ])
     for metric, rows in comparison["curves"].items():
         out += ["", f"## {metric} by step", ""]
+        if any("tokens" in r for r in rows):
+            # Training tokens seen, the x-axis of data-rich runs, next to the step.
+            def tokens(r):
+                seen = r.get("tokens")
+                return " / ".join(f"{t:,}" for t in seen) if isinstance(seen, list) else (
+                    "" if seen is None else f"{seen:,}")
+
+            out += _table(["step", "tokens"] + labels, [
+                [f"{r['step']:,}", tokens(r)] + [_cell(r[label], size[label]) for label in labels]
+                for r in rows
+            ])
+            continue
         out += _table(["step"] + labels, [
             row(f"{r['step']:,}", lambda label, r=r: _cell(r[label], size[label])) for r in rows
         ])

@@ -44,6 +44,9 @@ class DataConfig:
     min_count: int = 1
     vocab_max_lines: int = 2_000_000  # lines read to build the vocabulary
     vocab_learner: str = "tensorflow_text"  # wordpiece: tensorflow_text | tokenizers (compiled)
+    # wordpiece: `learned` keeps the learner's ids; `frequency` numbers the pieces by
+    # frequency, as the sampled softmax's log-uniform proposal assumes.
+    vocab_order: str = "learned"
     mode: str = "stream"  # stream: fixed windows over the text; sentences: one line per row
     seq_len: int = 35  # stream mode: window length
     batch_size: int = 64  # stream mode: windows per batch
@@ -56,6 +59,9 @@ class DataConfig:
     interleave_buffer_lines: int = 100_000
     eval_seq_len: int = 0  # stream mode evaluation windows (0: seq_len)
     eval_batch_size: int = 32
+    # Validation during training on the first lines of `valid` holding at least
+    # this many words (0: the whole file); the final evaluation reads the whole file.
+    valid_max_words: int = 0
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -69,6 +75,11 @@ class DataConfig:
                 f"Received: vocabulary={self.vocabulary!r}"
             )
         check_learner(self.vocab_learner)
+        if self.vocab_order not in ("learned", "frequency"):
+            raise ValueError(
+                "`vocab_order` must be 'learned' or 'frequency'. "
+                f"Received: vocab_order={self.vocab_order!r}"
+            )
         if self.mode not in ("stream", "sentences"):
             raise ValueError(f"`mode` must be 'stream' or 'sentences'. Received: mode={self.mode!r}")
         if self.vocab_size < 4:
@@ -77,6 +88,7 @@ class DataConfig:
                      "max_sentence_len", "shuffle_buffer", "eval_batch_size"):
             check_positive(name, getattr(self, name))
         check_positive("eval_seq_len", self.eval_seq_len, allow_zero=True)
+        check_positive("valid_max_words", self.valid_max_words, allow_zero=True)
         check_positive("interleave_block_lines", self.interleave_block_lines, allow_zero=True)
         check_positive("interleave_buffer_lines", self.interleave_buffer_lines)
         if self.interleave_block_lines and self.format != "text":
@@ -107,3 +119,50 @@ class LMConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_budget(self.data, self.train)
+
+
+def tokens_per_step(data_config):
+    """Training tokens per optimizer step in `stream` mode: `batch_size * seq_len`.
+
+    Every window of a stream-mode batch is full (only the last window of the
+    data is padded), so each of its `seq_len` positions is a target.
+
+    Example:
+
+    >>> tokens_per_step(DataConfig(batch_size=100, seq_len=50))
+    5000
+    """
+    return data_config.batch_size * data_config.seq_len
+
+
+def check_budget(data_config, train_config):
+    """ValueError unless `train.max_tokens` fits the data mode and `train.steps`.
+
+    A budget counts `batch_size * seq_len` tokens a step, which only
+    `data.mode: stream` guarantees; `train.steps` must leave room for the
+    budget's `ceil(max_tokens / (batch_size * seq_len))` steps (the schedule
+    and the evaluation rounds are counted in steps).
+    """
+    budget = train_config.max_tokens
+    if budget is None:
+        return
+    if data_config.mode != "stream":
+        raise ValueError(
+            "`train.max_tokens` counts `batch_size * seq_len` tokens a step and needs "
+            f"`data.mode: stream`. Received: data.mode={data_config.mode!r}"
+        )
+    if train_config.strategy == "multi_worker":
+        raise ValueError(
+            "`train.max_tokens` is not supported with `train.strategy: multi_worker` (its loop "
+            "needs a repeating dataset)"
+        )
+    needed = -(-budget // tokens_per_step(data_config))
+    if train_config.steps < needed:
+        raise ValueError(
+            f"`train.steps` must be >= {needed}, the steps of train.max_tokens={budget} at "
+            f"{tokens_per_step(data_config)} tokens a step (data.batch_size * data.seq_len). "
+            f"Received: train.steps={train_config.steps}"
+        )

@@ -39,6 +39,8 @@ import itertools
 import sys
 import time
 
+import numpy as np
+
 from keras_moe.inference_k import set_inference_k
 from keras_moe.models import presets
 from keras_moe.pipelines import config as config_lib
@@ -47,8 +49,9 @@ from keras_moe.pipelines.data import lm_corpora, shards
 from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
-from keras_moe.pipelines.lm.config import LMConfig
+from keras_moe.pipelines.lm.config import LMConfig, tokens_per_step
 from keras_moe.pipelines.training import guards, trainer
+from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
 
@@ -88,6 +91,33 @@ def lines_factory(data_config, split, seed=0):
         return lm_corpora.iter_lines(spec, format=fmt, split=split, **kwargs)
 
     return factory
+
+
+def first_words(factory, max_words):
+    """A lines factory of the first lines of `factory`'s that hold `max_words` words.
+
+    The slice is the shortest run of whole lines from the start whose
+    whitespace words add up to at least `max_words` (the last line is kept
+    whole); `max_words=0` keeps every line. The same lines every call, so
+    every evaluation during training reads the same fixed slice.
+
+    Example:
+
+    >>> list(first_words(lambda: iter(["a b", "c d e", "f"]), 4)())
+    ['a b', 'c d e']
+    """
+    if not max_words:
+        return factory
+
+    def limited():
+        words = 0
+        for line in factory():
+            if words >= max_words:
+                return
+            yield line
+            words += len(line.split())
+
+    return limited
 
 
 def check_inputs(config):
@@ -131,11 +161,49 @@ def build_vocabulary(config, run_dir):
     lines = lines_factory(c, "train")()
     limited = (line for _, line in zip(range(c.vocab_max_lines), lines, strict=False))
     if c.vocabulary == "wordpiece":
-        return WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
+        vocab = WordPieceVocabulary.learn(limited, c.vocab_size, learner=c.vocab_learner)
+        if c.vocab_order == "frequency":
+            sample = lines_factory(c, "train")()
+            count = min(c.vocab_max_lines, FREQUENCY_ORDER_LINES)
+            vocab = frequency_ordered(
+                vocab, (line for _, line in zip(range(count), sample, strict=False))
+            )
+        return vocab
     # Counting the words of millions of lines takes minutes: progress lines.
     counted = progress.iterate(limited, "vocabulary: count words", "lines",
                                count=lambda line: {"words": len(line.split())})
     return WordVocabulary.build((line.split() for line in counted), c.vocab_size, c.min_count)
+
+
+# Lines of the training text whose pieces are counted for `data.vocab_order: frequency`.
+FREQUENCY_ORDER_LINES = 100_000
+
+
+def frequency_ordered(vocab, lines):
+    """`vocab` with its ids in order of frequency on `lines` (`data.vocab_order: frequency`).
+
+    The sampled softmax draws candidates log-uniformly by id (`num_sampled`,
+    as the paper's importance sampling assumes: id rank = frequency rank).
+    WordPiece learners number pieces by other orders (alphabetically, by
+    merge), which puts "the" near id 30,000 of 32,000 and gives the proposal
+    almost nothing to do with the text. The reserved `<pad>`, `<unk>`,
+    `<eos>` keep ids 0-2; the other pieces follow by count on `lines`, most
+    frequent first, ties (unseen pieces included) in their old order. The
+    pieces themselves, and so how text is split, do not change.
+
+    Example:
+
+    >>> vocab = WordPieceVocabulary(["<pad>", "<unk>", "<eos>", "a", "b", "##b"])
+    >>> frequency_ordered(vocab, ["b b", "bb bb a"]).tokens
+    ['<pad>', '<unk>', '<eos>', 'b', '##b', 'a']
+    """
+    counts = np.zeros(len(vocab), np.int64)
+    for ids in lm_input.encoded_lines(lines, vocab):
+        counts += np.bincount(np.asarray(ids, np.int64), minlength=len(vocab))
+    reserved = 3
+    rest = reserved + np.argsort(-counts[reserved:], kind="stable")
+    tokens = vocab.tokens[:reserved] + [vocab.tokens[i] for i in rest]
+    return WordPieceVocabulary(tokens)
 
 
 def build_model(config, vocab_size, compile=True):
@@ -241,14 +309,25 @@ class LanguageModelTask(trainer.Task):
         return None if model.num_sampled else super().weighted_metrics(model)
 
     def training_dataset(self, config, vocab, data_config):
+        # A one-pass budget (`train.max_tokens`) reads the data once: no repeat.
         return lm_input.training_dataset(
             lines_factory(data_config, "train", seed=config.train.seed), vocab, data_config,
-            seed=config.train.seed
+            seed=config.train.seed, repeat=config.train.max_tokens is None,
         )
 
     def validation(self, config, vocab):
-        validation = ValidationPerplexity(lines_factory(config.data, "valid"), vocab, config.data)
+        # During training: the fixed slice `data.valid_max_words` (the final
+        # evaluation, `evaluate_run`, reads the whole file).
+        factory = first_words(lines_factory(config.data, "valid"), config.data.valid_max_words)
+        validation = ValidationPerplexity(factory, vocab, config.data)
         return validation, "val_perplexity", "min"
+
+    def extra_callbacks(self, config, run):
+        """`TokenBudget` (stream mode): tokens seen in the logs and TensorBoard; `max_tokens`."""
+        if config.data.mode != "stream":
+            return []
+        return [TokenBudget(tokens_per_step(config.data), config.train.max_tokens,
+                            config.train.steps_per_eval, run.tensorboard_dir)]
 
     def costs(self, model):
         return presets.costs(model.get_config())

@@ -57,6 +57,13 @@ class TrainConfig:
     The learning rate follows the paper (App. C.1): it rises linearly for
     `warmup_steps` steps, then decays proportionally to `1/sqrt(step)`
     (`decay: inverse_sqrt`), or stays constant (`decay: constant`).
+
+    `max_tokens` (language models, `data.mode: stream`): a one-pass budget
+    of training tokens. A token is one target position of a batch (a word
+    or a WordPiece piece, `<eos>` included), `batch_size * seq_len` per
+    step; the run stops after `ceil(max_tokens / (batch_size * seq_len))`
+    steps, which `steps` must not be below, and never reads a line of its
+    training data twice (it also stops, saying so, when the data ends first).
     """
 
     steps: int = 2000
@@ -74,9 +81,21 @@ class TrainConfig:
     verbose: int = 1  # 0 silent, 1 step lines (every 10 s) and evaluations, 2 evaluations only
     strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
     expert_parallel: bool = False  # mirrored only: E / replicas experts per replica
+    # A one-pass budget in training tokens (target positions, vocabulary pieces,
+    # <eos> included): the training data is read once and training stops when the
+    # budget is seen (`keras_moe.pipelines.training.budget`). Language models only.
+    max_tokens: int | None = None
 
     def __post_init__(self):
         check_train_keys(self.strategy, self.expert_parallel)
+        check_positive("max_tokens", self.max_tokens)
+        if self.max_tokens is not None and type(self) is not TrainConfig:
+            # The translation pipeline's `train` section subclasses this one;
+            # its batches (pairs by tokens) have no fixed count to budget.
+            raise ValueError(
+                "`max_tokens` (a one-pass token budget) is for the language models "
+                f"(`keras-moe lm train`) only. Received: max_tokens={self.max_tokens}"
+            )
         for name in ("steps", "steps_per_eval", "learning_rate", "monitor_every_n_steps"):
             check_positive(name, getattr(self, name))
         for name in ("warmup_steps", "epsilon", "clipnorm", "time_limit_minutes"):

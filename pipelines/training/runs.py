@@ -51,6 +51,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
     resume_step,
     write_backup,
 )
+from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.training.step_progress import StepProgress
 
@@ -165,6 +166,10 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         StepLimit(train.steps),
         # Before the guard, the logger and checkpoints, which read the values it adds.
         validation,
+        # After the validation (it logs val_* by tokens), before the guard,
+        # the backup and the logger: it adds `tokens` to the logs, and puts
+        # back the optimizer step that a batch finding no data still counts.
+        *[c for c in extra if isinstance(c, TokenBudget)],
         # Before the backup and the checkpoints: a step whose loss, weights
         # or validation values are not finite raises here, so nothing is
         # saved from it and a restart resumes the last good backup.
@@ -178,7 +183,7 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
             run.best_checkpoint, monitor=monitor, mode=mode,
             save_best_only=True,
         ),
-        *extra,
+        *[c for c in extra if not isinstance(c, TokenBudget)],
         # Keras's callback for the `epoch_*` curves; the `batch_*` ones are
         # numbered by the optimizer's step, so they go on after a resume.
         keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),

@@ -34,7 +34,8 @@ OUR_ROUNDING = {("moe-256", "ops"): 8.7}
 
 # Too large to build in a test (GBs of weights): their structure is checked
 # on a copy with narrow layers but the same experts, groups and k.
-LARGE = ("moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h")
+LARGE = ("moe-256", "moe-256-h", "moe-1024-h", "moe-4096-h", "gutenberg-moe-256",
+         "gutenberg-moe-1024-h")
 NARROW = dict(model_dim=16, expert_hidden_dim=8)
 TOKENS = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0]], np.int32)
 VOCAB = 10
@@ -153,3 +154,25 @@ def test_cpu_preset_runs_and_survives_keras_save(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(loaded(TOKENS, training=False)), np.asarray(logits)
     )
+
+
+def test_gutenberg_presets_are_matched_on_ops_per_timestep():
+    # Issue 26: every model of the experiment within 2% of the others' ops
+    # per timestep, counted by `costs` (the `keras-moe lm presets` column).
+    ops = {name: presets.costs(name)["ops_per_timestep"] for name in presets.GUTENBERG_MATCHED}
+    assert max(ops.values()) <= 1.02 * min(ops.values()), ops
+    # By hand, width 128: two LSTMs 2 * 4*128*(128+128) = 262,144, plus
+    # dense: one 128 -> 1024 -> 128 block, 2*128*1024 = 262,144;
+    # flat MoE-E, k=4 of experts of h: 4 * 2*128*h + w_gate and w_noise 2*128*E;
+    # hierarchical 32 x 32, k=2: 4 experts + primary 2*128*32 + 2 * secondary 2*128*32.
+    lstms = 2 * 4 * 128 * 256
+    assert ops["gutenberg-dense"] == lstms + 2 * 128 * 1024 == 524_288
+    for e, h in ((16, 252), (64, 240), (256, 192)):
+        assert ops[f"gutenberg-moe-{e}"] == lstms + 4 * 2 * 128 * h + 2 * 128 * e == 524_288
+    assert ops["gutenberg-moe-1024-h"] == (
+        lstms + 4 * 2 * 128 * 232 + 2 * 128 * 32 + 2 * 2 * 128 * 32
+    ) == 524_288
+    assert presets.costs("gutenberg-2xlstm")["ops_per_timestep"] == lstms
+    moe = {name: presets.get_preset(name) for name in presets.GUTENBERG_MATCHED[1:]}
+    assert [a["num_experts"] for a in moe.values()] == [16, 64, 256, 1024]
+    assert all(a["model_dim"] == 128 for a in moe.values())
