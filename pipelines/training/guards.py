@@ -157,7 +157,12 @@ class DivergenceGuard(keras.callbacks.Callback):
                 self._diverged(step, f"{name} is {float(value)}")
         asked = (self.params or {}).get("steps")
         done = step - self.round_start
-        if asked and done < asked and not self.model.stop_training:
+        if asked and done < asked:
+            # A short round: the data ran out, unless a budget (the step
+            # limit, the time limit, a token budget) stopped it, which
+            # `check_finished` asks the callbacks. A token budget that saw
+            # the data end has already stopped training and put back the
+            # step Keras counts for the batch that found no data.
             self.ran_out = (step, done, asked)
             self.model.stop_training = True
 
