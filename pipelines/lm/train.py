@@ -44,7 +44,7 @@ from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig
-from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training import routing_checks, trainer
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
 
@@ -179,7 +179,12 @@ def routing_report(model, lines_factory_, vocab, data_config):
 
 
 class ValidationPerplexity(trainer.Validation):
-    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs."""
+    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs.
+
+    And, from the same pass, the clean routing of every MoE block
+    (`routing_checks.validation_logs`: `val_<block>_cv_load`, ...; a warning
+    when it collapsed).
+    """
 
     def __init__(self, lines_factory_, vocab, data_config):
         super().__init__()
@@ -188,8 +193,12 @@ class ValidationPerplexity(trainer.Validation):
         self.data_config = data_config
 
     def validate(self, model):
-        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config)
-        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        # The same pass gives the clean routing of every MoE block and its collapse check.
+        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config,
+                                routing=True)
+        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"],
+                **routing_checks.validation_logs(result["routing"],
+                                                 routing_checks.training_step(self.model))}
 
 
 class LanguageModelTask(trainer.Task):
@@ -269,7 +278,9 @@ def evaluate(run_dir, data, format=None):
 
     Returns:
         dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
-        `data` and `model`.
+        `data` and `model`; for a MoE model also `routing` (clean routing
+        statistics per block) and `routing_check` (the collapse alarm on it,
+        `routing_checks.evaluation_check`; a warning per collapsed block).
     """
     config, vocab, model, model_path = load_run(run_dir)
     data_config = config_lib.from_dict(
@@ -281,4 +292,6 @@ def evaluate(run_dir, data, format=None):
     result = evaluate_lines(model, factory, vocab, data_config, routing=True)
     if not result["routing"]:
         del result["routing"]  # a model without MoE blocks
+    else:  # the collapse alarm on this clean routing, beside the training values
+        result["routing_check"] = routing_checks.evaluation_check(result["routing"], run_dir, data)
     return {**result, "data": data, "model": model_path}

@@ -47,7 +47,7 @@ import numpy as np
 from keras_moe.models import translation_presets
 from keras_moe.pipelines.data import parallel_corpora
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
-from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training import routing_checks, trainer
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
@@ -244,7 +244,9 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
     Returns:
         dict with `bleu`, `bleu_signature`, `bleu_tokenized`,
         `bleu_tokenized_convention`, `chrf`, `chrf_signature`, `perplexity`
-        (against the first reference), `hypotheses_file` and more.
+        (against the first reference), `hypotheses_file` and more; for a
+        MoE model `routing` and `routing_check` (the collapse alarm on the
+        clean routing of every MoE layer, `routing_checks.evaluation_check`).
     """
     if not references:
         raise ValueError("`references` must name at least one reference file")
@@ -268,6 +270,9 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
                             config.data.eval_batch_size, routing=True)
     if not result["routing"]:
         del result["routing"]
+    else:  # the collapse alarm on this clean routing, beside the training values
+        result["routing_check"] = routing_checks.evaluation_check(result["routing"], run_dir,
+                                                                  source)
     result = {**scores, **result, "beam_width": beam, "source": source,
               "references": list(references), "hypotheses_file": out, "model": model_path}
     with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
