@@ -12,6 +12,7 @@ import glob
 import math
 import os
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
@@ -97,6 +98,22 @@ def test_lm_run_has_every_evaluation_on_the_step_axis(tmp_path, lm_corpus):
         assert len(glob.glob(os.path.join(run_dir, "tensorboard", name, "events.*"))) == 1
     # The batch curves are still there, at their steps.
     assert [s for s, _ in train["batch_loss"]] == [1, 2, 3, 4]
+    # `lm evaluate` on the validation file with the final weights (those of
+    # the last evaluation) reports the same clean routing, its alarm, and
+    # the training values beside it; the statistics worked out from the
+    # load shares with NumPy.
+    evaluated = lm_train.evaluate(run_dir, lm_corpus["valid"])
+    check = evaluated["routing_check"]["layers"]["moe"]
+    last = read_history(run_dir)[-1]
+    shares = np.asarray(evaluated["routing"]["moe"]["set_load_share"])
+    numpy = {"cv_load": shares.std() / shares.mean(), "max_mean_load": shares.max() / shares.mean(),
+             "zero_expert_fraction": np.mean(shares == 0)}
+    for key, value in numpy.items():
+        assert check[key] == pytest.approx(value, abs=1e-9)
+        assert float(last[f"val_moe_{key}"]) == pytest.approx(value, rel=1e-6)
+    assert check["collapsed"] == bool(check["reasons"]) == (last["val_moe_collapsed"] == "1.0")
+    assert check["training"]["step"] == 4
+    assert check["training"]["cv_load"] == pytest.approx(float(last["moe_cv_load"]))
 
 
 def test_resumed_lm_run_continues_the_curves_without_repeating_a_step(tmp_path, lm_corpus):
@@ -136,6 +153,13 @@ def test_translation_run_has_bleu_chrf_and_both_layers_clean_routing(tmp_path):
                                                         "zero_expert_fraction", "collapsed"))],
     )
     assert steps == [1, 2]
+    evaluated = translate_train.evaluate(run_dir, corpus["valid"]["en"], [corpus["valid"]["de"]],
+                                         beam_width=1, out=str(tmp_path / "valid.hyp"))
+    last = read_history(run_dir)[-1]
+    for layer in layers:
+        check = evaluated["routing_check"]["layers"][layer]
+        assert check["max_mean_load"] == pytest.approx(
+            float(last[f"val_{layer}_max_mean_load"]), rel=1e-6)
 
 
 def test_split_logs_and_learning_rate():
