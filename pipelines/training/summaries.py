@@ -24,10 +24,7 @@ Why not Keras's `TensorBoard` callback, which the runs used before:
 - beside `BatchSummaries` it opened a second event file in `train/`, and
   TensorBoard follows only the newest event file of a run directory while
   a run is written (`--reload_multifile` is off by default), so its
-  `epoch_*` file was never shown: `train/` had only `batch_*` tags;
-- its writers flush only every 10 events, 2 minutes, or at the end of
-  `fit`: a running (or killed) run showed `validation/` as an empty
-  event file.
+  `epoch_*` file was never shown: `train/` had only `batch_*` tags.
 
 Here each directory has one writer, flushed at every evaluation, and
 the step is the optimizer's, restored with the backup: a resumed run's
