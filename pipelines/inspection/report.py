@@ -43,6 +43,7 @@ from keras_moe.pipelines.inspection.tables import format_tables
 from keras_moe.pipelines.lm import train as lm_train
 from keras_moe.pipelines.training import routing_checks
 from keras_moe.pipelines.training.rundir import RunDir
+from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.validation import check_int
 
@@ -160,6 +161,7 @@ def build_translation_report(model, vocabulary, lines, sentences=(), decode_conf
     decoder input of each line's greedy translation (`<eos>` and the
     translation's pieces), teacher-forced with the line as the source.
     Each decoder sentence is shown as `source => translation`.
+    `decode_config` is the run's `decode` section (its length limits).
     """
     encoder, decoder = translation_layers(model)
     if layer is not None and layer not in encoder + decoder:
@@ -182,7 +184,7 @@ def build_translation_report(model, vocabulary, lines, sentences=(), decode_conf
         hypotheses = translate_train.translate_ids(model, sources, decode_config, batch, 1)
         shown_hypotheses = translate_train.translate_ids(model, shown_sources, decode_config,
                                                          batch, 1)
-        start = sources[0][-1]  # `<eos>`, also the decoder's start symbol
+        start = translate_input.eos_id(vocabulary)  # also the decoder's start symbol
         decoded = build_report(
             model, vocabulary, [[start, *h] for h in hypotheses],
             [[start, *h] for h in shown_hypotheses], decoder[0], top, min_count,
