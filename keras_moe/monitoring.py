@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 
+from keras_moe.alarms import CollapseThresholds, collapse_reasons
 from keras_moe.hierarchical import HierarchicalMoE
 from keras_moe.moe import SparseMoEBase
 from keras_moe.statistics import summary, top_count  # noqa: F401 (re-exported)
@@ -150,20 +151,6 @@ def _summing_observer(acc):
     return observe
 
 
-def _validate_threshold(name, value, low, high=None):
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and value >= low and (high is None or value < high)
-    if not ok:
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(
-            f"`{name}` must be None (criterion off) or a number {bound}. "
-            f"Received: {name}={value!r}"
-        )
-    return float(value)
-
-
 def _validate_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
@@ -203,8 +190,9 @@ class RoutingMonitor(keras.callbacks.Callback):
     experts without a token (`zero_expert_fraction`) is above
     `zero_expert_fraction_threshold`, the max/mean load is
     above `max_mean_threshold`, or the top share is above
-    `top_share_threshold` (checked at both levels of a hierarchical layer).
-    After `patience` collapsed windows in a row the callback raises one
+    `top_share_threshold` (checked at both levels of a hierarchical layer;
+    the test is `keras_moe.alarms.collapse_reasons`, which the training
+    pipelines also apply to clean routing on validation data). After `patience` collapsed windows in a row the callback raises one
     alarm for the layer: a warning on the `keras_moe.monitoring` logger, the
     text summary, an entry in `self.alarms` (a dict with `step`, `layer`,
     `reasons` and `statistics`), and, with `stop_on_collapse=True`,
@@ -288,24 +276,21 @@ class RoutingMonitor(keras.callbacks.Callback):
             )
             threshold_name = "dead_fraction_threshold"
             zero_expert_fraction_threshold = dead_fraction_threshold
-        self.zero_expert_fraction_threshold = _validate_threshold(
-            threshold_name, zero_expert_fraction_threshold, 0.0, 1.0
-        )
-        self.max_mean_threshold = _validate_threshold("max_mean_threshold", max_mean_threshold, 1.0)
-        self.top_share_threshold = _validate_threshold(
-            "top_share_threshold", top_share_threshold, 0.0, 1.0
-        )
+        try:
+            self.thresholds = CollapseThresholds(
+                zero_expert_fraction_threshold, max_mean_threshold, top_share_threshold,
+                top_fraction,
+            )
+        except ValueError as error:
+            # The deprecated name is named in its errors.
+            raise ValueError(str(error).replace("zero_expert_fraction_threshold",
+                                                threshold_name)) from None
+        self.zero_expert_fraction_threshold = self.thresholds.zero_expert_fraction_threshold
+        self.max_mean_threshold = self.thresholds.max_mean_threshold
+        self.top_share_threshold = self.thresholds.top_share_threshold
         self.patience = _validate_int("patience", patience, 1)
         self.stop_on_collapse = bool(stop_on_collapse)
-        if (
-            isinstance(top_fraction, bool)
-            or not isinstance(top_fraction, (int, float))
-            or not 0 < top_fraction <= 1
-        ):
-            raise ValueError(
-                f"`top_fraction` must be a number in (0, 1]. Received: top_fraction={top_fraction!r}"
-            )
-        self.top_fraction = float(top_fraction)
+        self.top_fraction = self.thresholds.top_fraction
         self.image_height = _validate_int("image_height", image_height, 8)
         self.alarms = []
         self._layers = {}  # tag prefix -> layer
@@ -465,28 +450,7 @@ class RoutingMonitor(keras.callbacks.Callback):
         return self._collapse_reasons(stats), stats
 
     def _collapse_reasons(self, stats):
-        reasons = []
-        if self.zero_expert_fraction_threshold is not None:
-            if stats["zero_expert_fraction"] > self.zero_expert_fraction_threshold:
-                reasons.append(
-                    f"{int(stats['zero_experts'])} experts got no token (fraction "
-                    f"{stats['zero_expert_fraction']:.3f} > zero_expert_fraction_threshold="
-                    f"{self.zero_expert_fraction_threshold})"
-                )
-        if self.max_mean_threshold is not None:
-            if stats["max_mean_load"] > self.max_mean_threshold:
-                reasons.append(
-                    f"max/mean load {stats['max_mean_load']:.3f} > max_mean_threshold="
-                    f"{self.max_mean_threshold}"
-                )
-        if self.top_share_threshold is not None:
-            if stats["top_share"] > self.top_share_threshold:
-                reasons.append(
-                    f"the busiest {self.top_fraction:.0%} of experts took "
-                    f"{stats['top_share']:.3f} of the load > top_share_threshold="
-                    f"{self.top_share_threshold}"
-                )
-        return reasons
+        return collapse_reasons(stats, self.thresholds)
 
     def _update_alarm(self, name, step, reasons, statistics):
         if not reasons:

@@ -222,6 +222,45 @@ def _final_values(run):
     return final
 
 
+def run_kind(run):
+    """`"translation"`, `"lm"` or None (not known) for a `RunRecord`.
+
+    A translation run's configuration has a `decode` section, a language
+    model's `data.seq_len`; failing both, `results.json`'s perplexity
+    convention says which.
+    """
+    if any(key.startswith("decode.") for key in run.config):
+        return "translation"
+    if "data.seq_len" in run.config:
+        return "lm"
+    convention = str((run.results.get("valid") or {}).get("convention", ""))
+    if "per word" in convention:
+        return "lm"
+    if "per target" in convention:
+        return "translation"
+    return None
+
+
+def check_same_kind(runs):
+    """ValueError when `runs` mix language-model and translation runs.
+
+    Their perplexities do not compare: a language model's is per word, a
+    translation model's per target WordPiece token.
+    """
+    kinds = {}
+    for run in runs:
+        kind = run_kind(run)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(run.label)
+    if len(kinds) > 1:
+        raise ValueError(
+            "cannot compare language-model runs (" + ", ".join(dict.fromkeys(kinds["lm"]))
+            + ": perplexity per word) with translation runs ("
+            + ", ".join(dict.fromkeys(kinds["translation"]))
+            + ": perplexity per target WordPiece token) in one table; compare them separately"
+        )
+
+
 def compare(specs, metrics=None):
     """Compare runs: their curves, best evaluations, final scores and configuration differences.
 
@@ -246,12 +285,14 @@ def compare(specs, metrics=None):
         each group's summary).
 
     Raises:
-        ValueError: no run given, or a metric that no run logged (the
-            logged ones are named).
+        ValueError: no run given, a metric that no run logged (the
+            logged ones are named), or language-model runs mixed with
+            translation runs (`check_same_kind`).
     """
     if not specs:
         raise ValueError("Give at least one run directory to compare.")
     runs = [read_run(spec) for spec in specs]
+    check_same_kind(runs)
     labels = list(dict.fromkeys(run.label for run in runs))
     logged = sorted({key for run in runs for e in run.evaluations for key in e
                      if key != "step" and e[key] is not None})

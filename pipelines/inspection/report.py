@@ -15,64 +15,39 @@ Each line is routed on its own: a recurrent model starts it from a fresh
 state, as for the first line of a corpus.
 
 Translation runs (`keras-moe translate train`) are inspected on
-source-language text through the encoder alone (`TranslationModel.encode`),
-so the report covers the encoder's MoE layer. The decoder's MoE routes
-target positions whose states depend on the source sentence through the
-attention, so it has no per-line view here; its load is in TensorBoard
-(`RoutingMonitor`) and in `results.json` (`routing_valid`).
+source-language text, and the report covers every MoE layer: the
+encoder's routes the source tokens (through `TranslationModel.encode`);
+the decoder's routes the positions of the model's own greedy translation
+of each line (its input `<eos> y1 ... yn`, teacher-forced with the source
+sentence), which is the routing it does when it translates.
+
+Every layer's line carries the collapse alarm on this clean routing
+(`keras_moe.alarms.collapse_reasons`, `RoutingMonitor`'s default
+thresholds; a warning on stderr when it fires) and, when the run's
+`history.csv` has them, its last training routing values beside it.
 """
 
-import base64
-import html
 import os
 
-import numpy as np
-import tensorflow as tf
-
-from keras_moe import statistics
-from keras_moe.monitoring import bar_chart
+from keras_moe import alarms, statistics
 from keras_moe.pipelines.data import lm_corpora
 from keras_moe.pipelines.inspection import routes as routing_inspect
+from keras_moe.pipelines.inspection.page import (  # noqa: F401 (re-exported)
+    HEAT_COLOR,
+    gate_heatmap,
+    heatmap_cell,
+    png_data_uri,
+    render_html,
+)
+from keras_moe.pipelines.inspection.tables import format_tables
 from keras_moe.pipelines.lm import train as lm_train
+from keras_moe.pipelines.training import routing_checks
 from keras_moe.pipelines.training.rundir import RunDir
+from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.validation import check_int
 
-HEAT_COLOR = (8, 48, 107)  # colour of gate 1; gate 0 is white
 EXAMPLE_LINES = 3  # sentences shown when none is given
-
-
-def png_data_uri(image):
-    """A uint8 `[H, W, 3]` image as a `data:image/png;base64,...` URI."""
-    png = tf.io.encode_png(tf.constant(np.asarray(image, np.uint8))).numpy()
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def gate_heatmap(gates, cell=12):
-    """Token x expert gates as an image: row `t`, column `e`, white (0) to dark blue (1).
-
-    Args:
-        gates: float `[tokens, experts]` in [0, 1].
-        cell: int >= 1, pixels per cell side.
-
-    Returns:
-        uint8 `[tokens * cell, experts * cell, 3]`.
-
-    Example:
-
-    >>> image = gate_heatmap([[0.0, 1.0]], cell=2)
-    >>> image.shape, image[0, 0].tolist(), image[0, 3].tolist()
-    ((2, 4, 3), [255, 255, 255], [8, 48, 107])
-    """
-    gates = np.clip(np.asarray(gates, np.float64), 0.0, 1.0)[..., None]
-    white = np.full(3, 255.0)
-    colours = np.round(white + gates * (np.array(HEAT_COLOR) - white)).astype(np.uint8)
-    return np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-
-
-def heatmap_cell(num_experts):
-    """Pixels per heatmap cell: 20 for few experts, down to 2 (the image is <= ~640 wide)."""
-    return max(2, min(20, 640 // num_experts))
 
 
 def read_lines(data, format="text", max_lines=2000):
@@ -121,22 +96,21 @@ def inspect_run(run_dir, data, sentences=(), layer=None, out=None, max_lines=200
     """
     check_int("max_lines", max_lines)
     if is_translation_run(run_dir):
-        _, vocab, model, model_path = translate_train.load_run(run_dir, average=0)
+        config, vocab, model, model_path = translate_train.load_run(run_dir, average=0)
         lines = read_lines(data, "text", max_lines)
-        encoder_layers = [f"encoder_{model.middle_block}"] if model.middle_block == "moe" else []
-        if layer is not None and layer not in encoder_layers:
-            raise ValueError(
-                f"`layer` must be an encoder MoE layer of this translation model "
-                f"({', '.join(encoder_layers) or 'it has none'}); the decoder's routing depends "
-                f"on the source sentence and is not inspected line by line. Received: "
-                f"layer={layer!r}"
-            )
-        report = build_report(model, vocab, lines, sentences, layer or encoder_layers[0], top,
-                              min_count, forward=_encode)
+        report = build_translation_report(model, vocab, lines, sentences, config.decode, layer,
+                                          top, min_count)
     else:
         config, vocab, model, model_path = lm_train.load_run(run_dir)
         lines = read_lines(data, config.data.format, max_lines)
         report = build_report(model, vocab, lines, sentences, layer, top, min_count)
+    training = routing_checks.last_training_values(run_dir, report["layers"])
+    for name, result in report["layers"].items():
+        if name in training:
+            result["training"] = training[name]
+        for line in alarms.warning_lines({name: {"reasons": result["collapse_reasons"]}},
+                                         f"clean (inference) routing on {os.fspath(data)}"):
+            routing_checks.logger.warning(line)
     report = {"run_dir": os.fspath(run_dir), "model": model_path, "data": os.fspath(data),
               **report}
     report["tables"] = format_tables(report)
@@ -176,31 +150,106 @@ def _encode(model, tokens):
     return model.encode(tokens, training=False)["memory"]
 
 
-def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min_count=2,
-                 forward=None):
-    """The numbers of an `inspect_run` report for any model and vocabulary.
+def _decode(model, tokens, source):
+    """A translation model teacher-forced on `tokens` (decoder input) for `source`."""
+    return model((source, tokens), training=False)
 
-    Returns:
-        dict with `lines` (how many were routed), `sentences` and `layers`
-        (see `inspect_run`).
+
+def translation_layers(model):
+    """`(encoder MoE layer names, decoder MoE layer names)` of a `TranslationModel`."""
+    if model.middle_block != "moe":
+        return [], []
+    return [f"encoder_{model.middle_block}"], [f"decoder_{model.middle_block}"]
+
+
+def build_translation_report(model, vocabulary, lines, sentences=(), decode_config=None,
+                             layer=None, top=10, min_count=2):
+    """`build_report` of a translation model: its encoder and decoder MoE layers.
+
+    The encoder's layer routes the source `lines`; the decoder's routes the
+    decoder input of each line's greedy translation (`<eos>` and the
+    translation's pieces), teacher-forced with the line as the source.
+    Each decoder sentence is shown as `source => translation`.
+    `decode_config` is the run's `decode` section (its length limits).
     """
+    encoder, decoder = translation_layers(model)
+    if layer is not None and layer not in encoder + decoder:
+        raise ValueError(
+            f"`layer` must be a MoE layer of this translation model "
+            f"({', '.join(encoder + decoder) or 'it has none'}). Received: layer={layer!r}"
+        )
+    if not encoder:
+        raise ValueError(f"model {model.name!r} has no MoE layer (middle_block="
+                         f"{model.middle_block!r})")
+    report = None
+    if layer is None or layer in encoder:
+        report = build_report(model, vocabulary, lines, sentences, encoder[0], top, min_count,
+                              forward=_encode)
+    if layer is None or layer in decoder:
+        shown = _checked_sentences(sentences, lines)
+        sources = vocabulary.encode_lines(lines)
+        shown_sources = vocabulary.encode_lines(shown)
+        batch = 64
+        hypotheses = translate_train.translate_ids(model, sources, decode_config, batch, 1)
+        shown_hypotheses = translate_train.translate_ids(model, shown_sources, decode_config,
+                                                         batch, 1)
+        start = translate_input.eos_id(vocabulary)  # also the decoder's start symbol
+        decoded = build_report(
+            model, vocabulary, [[start, *h] for h in hypotheses],
+            [[start, *h] for h in shown_hypotheses], decoder[0], top, min_count,
+            forward=_decode, context=sources, sentence_context=shown_sources,
+        )
+        layer_result = decoded["layers"][decoder[0]]
+        layer_result["sentence_texts"] = [
+            f"{text} => {vocabulary.decode(h)}"
+            for text, h in zip(shown, shown_hypotheses, strict=True)
+        ]
+        if report is None:
+            report = {**decoded, "lines": len(lines), "sentences": shown}
+        else:
+            report["layers"].update(decoded["layers"])
+    return report
+
+
+def _checked_sentences(sentences, lines):
     if isinstance(sentences, str):
         raise ValueError(f"`sentences` must be a list of strings. Received: {sentences!r:.80}")
     sentences = list(sentences) or lines[:EXAMPLE_LINES]
     for i, sentence in enumerate(sentences):
         if not isinstance(sentence, str) or not sentence.strip():
             raise ValueError(f"`sentences[{i}]` must be a non-empty string. Received: {sentence!r}")
+    return sentences
+
+
+def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min_count=2,
+                 forward=None, context=None, sentence_context=None):
+    """The numbers of an `inspect_run` report for any model and vocabulary.
+
+    `lines` and `sentences` are strings, or token-id lists when `context`
+    and `sentence_context` (one id list per line and per sentence) are
+    given to `forward` (see `routes.route`).
+
+    Returns:
+        dict with `lines` (how many were routed), `sentences` and `layers`
+        (see `inspect_run`); each layer's `collapse_reasons` is the alarm
+        on its clean routing (`keras_moe.alarms.collapse_reasons`).
+    """
+    if context is None:
+        sentences = _checked_sentences(sentences, lines)
     corpus = routing_inspect.route(model, lines, vocabulary, layer=layer, details=False,
-                                   forward=forward)
-    shown = routing_inspect.route(model, sentences, vocabulary, layer=layer, forward=forward)
+                                   forward=forward, context=context)
+    shown = routing_inspect.route(model, sentences, vocabulary, layer=layer, forward=forward,
+                                  context=sentence_context)
     layers = {}
     for name, result in corpus["layers"].items():
         counts = [e["count"] for e in result["experts"]]
         importance = [e["importance"] for e in result["experts"]]
         summary = {key: value for key, value in result.items() if key != "tokens"}
+        stats = statistics.summary(importance, counts)
         layers[name] = {
             **summary,
-            "statistics": statistics.summary(importance, counts),
+            "statistics": stats,
+            "collapse_reasons": alarms.collapse_reasons(stats),
             "characteristic": routing_inspect.characteristic_tokens(result, top, min_count),
             "contexts": routing_inspect.expert_contexts(result),
             "sentences": shown["layers"][name]["tokens"],
@@ -208,214 +257,3 @@ def build_report(model, vocabulary, lines, sentences=(), layer=None, top=10, min
     return {"lines": len(lines), "sentences": shown["texts"], "layers": layers}
 
 
-# --- plain text --------------------------------------------------------------
-
-
-def _shown(logits, k):
-    """Which entries a text row shows: all (<= 8), else the k + 2 largest logits."""
-    logits = np.asarray(logits, np.float64)
-    return range(len(logits)) if len(logits) <= 8 else np.argsort(-logits)[: k + 2]
-
-
-def _cells(values, index, prefix="", sign="+"):
-    return " ".join(f"{prefix}{i}:{values[i]:{sign}.3g}" for i in index)
-
-
-def _choice_cells(token):
-    cells = []
-    for i, (e, g) in enumerate(zip(token["experts"], token["gates"], strict=True)):
-        group = f"/g{token['groups'][i]}" if "groups" in token else ""
-        cells.append(f"{e}{group} ({g:.3f})")
-    return " ".join(cells) or "-"
-
-
-def _layer_heading(result):
-    if result["type"] == "HierarchicalMoE":
-        shape = (f"{result['num_groups']} groups x {result['experts_per_group']} experts, "
-                 f"k={result['k_primary']}x{result['k_secondary']}")
-    else:
-        shape = f"{result['num_experts']} experts, k={result['k']}"
-    return f"{result['name']}: {result['type']}, {result['gating']} gating, {shape}"
-
-
-def _summary_line(result):
-    s = result["statistics"]
-    return (f"tokens {result['tokens_routed']}, routed pairs {result['pairs']}; "
-            f"CV load {s['cv_load']:.3f}, CV importance {s['cv_importance']:.3f}, "
-            f"max/mean load {s['max_mean_load']:.3f}, experts without tokens "
-            f"{int(s['zero_experts'])}, router entropy {s['router_entropy']:.3f}")
-
-
-def _characteristic_text(entry):
-    return ", ".join(f"{t['token']} x{t['ratio']:.2f} ({t['count']})" for t in entry["tokens"])
-
-
-def _token_row(result, token):
-    k = result["k_primary"] if result["type"] == "HierarchicalMoE" else result["k"]
-    prefix = "g" if result["logits_level"] == "groups" else ""
-    margin = "-" if token["margin"] is None else f"{token['margin']:.3g}"
-    index = _shown(token["clean_logits"], k)
-    noise = "-"
-    if token["noise_std"] is not None:
-        noise = _cells(token["noise_std"], index, prefix, sign="")
-    return (token["position"], token["token"], _choice_cells(token), margin,
-            _cells(token["clean_logits"], index, prefix), noise)
-
-
-def format_tables(report):
-    """The plain-text tables of an `inspect_run` report."""
-    out = [f"Routing of {report['model']} on {report['data']} ({report['lines']} lines)"]
-    for result in report["layers"].values():
-        out += ["", f"== {_layer_heading(result)} ==", _summary_line(result), ""]
-        out.append(f"{'expert':>6} {'count':>8} {'share':>7} {'importance':>10}  "
-                   "characteristic tokens: token xP(t|e)/P(t) (pairs)")
-        for e, entry in zip(result["experts"], result["characteristic"], strict=True):
-            out.append(f"{e['expert']:>6} {e['count']:>8} {e['share']:>7.1%} "
-                       f"{e['importance']:>10.2f}  {_characteristic_text(entry)}")
-        level = "groups" if result["logits_level"] == "groups" else "experts"
-        for text, tokens in zip(report["sentences"], result["sentences"], strict=True):
-            out += ["", f"sentence: {text}",
-                    f"{'pos':>4} {'token':<14} {'experts (gate)':<28} {'margin':>7}  "
-                    f"clean logits of {level} | noise std (all, or of the k + 2 best logits)"]
-            for row in (_token_row(result, token) for token in tokens):
-                out.append(f"{row[0]:>4} {row[1]:<14} {row[2]:<28} {row[3]:>7}  "
-                           f"{row[4]} | {row[5]}")
-    return "\n".join(out)
-
-
-# --- HTML --------------------------------------------------------------------
-
-STYLE = """
-body { font-family: sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code, .mono { font-family: monospace; }
-img { image-rendering: pixelated; border: 1px solid #ccc; }
-figcaption { font-size: 0.9em; color: #555; }
-"""
-
-# Records whether every image decoded and whether any script or resource
-# error happened, on the <body>: a headless browser's DOM dump shows it.
-CHECK_SCRIPT = """
-(function () {
-  var errors = 0;
-  window.addEventListener("error", function () { errors += 1; }, true);
-  window.addEventListener("load", function () {
-    var images = document.images, ok = 0;
-    for (var i = 0; i < images.length; i++) {
-      if (images[i].complete && images[i].naturalWidth > 0) { ok += 1; }
-    }
-    document.body.setAttribute("data-images-total", String(images.length));
-    document.body.setAttribute("data-images-ok", String(ok));
-    document.body.setAttribute("data-errors", String(errors));
-  });
-})();
-"""
-
-
-def _e(value):
-    return html.escape(str(value))
-
-
-def _table(header, rows, numeric=()):
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = "".join(
-            f'<td class="num">{_e(v)}</td>' if i in numeric else f"<td>{_e(v)}</td>"
-            for i, v in enumerate(row)
-        )
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _figure(image, alt, caption):
-    return (f'<figure><img src="{png_data_uri(image)}" alt="{_e(alt)}" '
-            f'width="{image.shape[1]}" height="{image.shape[0]}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
-
-
-def _numbers(values, sign="+"):
-    return " ".join(f"{i}:{v:{sign}.3g}" for i, v in enumerate(values))
-
-
-def _layer_html(report, result):
-    name = result["name"]
-    parts = [f'<section class="layer" id="layer-{_e(name)}"><h2>{_e(_layer_heading(result))}</h2>',
-             f"<p>{_e(_summary_line(result))}</p>"]
-    counts = [e["count"] for e in result["experts"]]
-    parts.append(_figure(
-        bar_chart(counts, height=96, max_columns=512), f"expert load of {name}",
-        f"Tokens routed to each expert, expert 0 leftmost ({len(counts)} experts); "
-        "red line: the mean.",
-    ))
-    grouped = "group" in result["experts"][0]
-    rows = []
-    for e, entry, contexts in zip(result["experts"], result["characteristic"],
-                                  result["contexts"], strict=True):
-        rows.append([e["expert"], *([e["group"]] if grouped else []), e["count"],
-                     f"{e['share']:.1%}", f"{e['importance']:.2f}",
-                     _characteristic_text(entry) or "-",
-                     " | ".join(f"{c['context']} ({c['gate']:.2f})" for c in contexts) or "-"])
-    header = ["expert", *(["group"] if grouped else []), "count", "share", "importance",
-              "characteristic tokens: token xP(t|e)/P(t) (pairs)", "largest gates in context"]
-    parts.append(f"<h3>Experts</h3>{_table(header, rows, numeric=range(5 if grouped else 4))}")
-    level = "group" if result["logits_level"] == "groups" else "expert"
-    for i, (text, tokens) in enumerate(zip(report["sentences"], result["sentences"],
-                                           strict=True)):
-        parts.append(f'<h3 class="sentence">Sentence {i + 1}: {_e(text)}</h3>')
-        gates = routing_inspect.gate_matrix(result | {"tokens": result["sentences"]}, i)
-        cell = heatmap_cell(result["num_experts"])
-        parts.append(_figure(
-            gate_heatmap(gates, cell), f"gates of sentence {i + 1} in {name}",
-            f"Gates: one row per token (top to bottom: {' '.join(t['token'] for t in tokens)}), "
-            "one column per expert (expert 0 leftmost); white 0, dark blue 1.",
-        ))
-        rows = []
-        for token in tokens:
-            secondary = "; ".join(
-                f"g{s['group']}: logits {_numbers(s['clean_logits'])}"
-                + ("" if s["margin"] is None else f", margin {s['margin']:.3g}")
-                for s in token.get("secondary", [])
-            )
-            rows.append([
-                token["position"], token["token"], _choice_cells(token),
-                "-" if token["margin"] is None else f"{token['margin']:.3g}",
-                _numbers(token["clean_logits"]),
-                "-" if token["noise_std"] is None else _numbers(token["noise_std"], ""),
-                *([secondary] if "secondary" in token else []),
-            ])
-        header = ["pos", "token", "experts (gate)", "margin", f"clean logits per {level}",
-                  f"noise std per {level}"]
-        if tokens and "secondary" in tokens[0]:
-            header.append("within the chosen groups")
-        parts.append(_table(header, rows, numeric=(0, 3)))
-    parts.append("</section>")
-    return "".join(parts)
-
-
-def render_html(report):
-    """The self-contained HTML page of an `inspect_run` report."""
-    any_layer = next(iter(report["layers"].values()))
-    margin_rule = (
-        f"margin: the k-th largest minus the (k+1)-th largest clean logit "
-        f"({'of the groups' if any_layer['logits_level'] == 'groups' else 'of the experts'}), "
-        "i.e. how far the last chosen one is ahead of the first one left out. Noise std: "
-        "softplus(x W_noise) + noise_epsilon, the scale of the noise the gate adds in "
-        "training (inference adds none)."
-    )
-    sections = "".join(_layer_html(report, r) for r in report["layers"].values())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>keras-moe routing report</title>
-<script>{CHECK_SCRIPT}</script>
-<style>{STYLE}</style></head>
-<body>
-<h1>Routing report</h1>
-<p>Model <code>{_e(report['model'])}</code>, data <code>{_e(report['data'])}</code>:
-{report['lines']} lines routed in inference mode (no noise), each line on its own.</p>
-<p>{_e(margin_rule)}</p>
-{sections}
-</body></html>
-"""

@@ -7,8 +7,9 @@ Python data (JSON-serialisable): each expert's share of the traffic and,
 per token, the chosen experts with their gate values, the clean logits
 `x W_g`, the noise scale `softplus(x W_noise) + noise_epsilon` the gate
 would add in training, and the margin that decided the last chosen expert.
-`characteristic_tokens` and `expert_contexts` summarise the per-token data
-per expert, in the spirit of the paper's Table 9 (Shazeer et al. 2017).
+`characteristic_tokens` and `expert_contexts` (`inspection.experts`,
+importable from here) summarise the per-token data per expert, in the
+spirit of the paper's Table 9 (Shazeer et al. 2017).
 
 The routing is captured without changing the model: for the duration of
 `route` each inspected MoE layer has a routing observer
@@ -25,6 +26,12 @@ import tensorflow as tf
 import keras_moe
 from keras_moe import statistics
 from keras_moe.monitoring import find_moe_layers
+from keras_moe.pipelines.inspection.experts import (  # noqa: F401 (re-exported)
+    characteristic_tokens,
+    expert_contexts,
+    gate_matrix,
+    pair_counts,
+)
 
 MIN_WIDTH = 16  # batches are padded to a power of two of at least this many positions
 
@@ -94,10 +101,13 @@ def _recording_observer(records):
 def _forward_function(model, records, run):
     """A traced forward pass returning, per MoE layer, its input and routing."""
 
-    def forward(tokens):
+    def forward(tokens, context=None):
         for calls in records.values():
             calls.clear()
-        run(model, tokens)
+        if context is None:
+            run(model, tokens)
+        else:
+            run(model, tokens, context)
         outputs = {}
         for name, calls in records.items():
             if len(calls) != 1:
@@ -198,7 +208,7 @@ def _default_forward(model, tokens):
 
 
 def route(model, texts, vocabulary=None, layer=None, batch_size=64, details=True,
-          forward=None):
+          forward=None, context=None):
     """Route `texts` through `model` in inference mode and report every MoE layer's choices.
 
     Each text is one row of a batch, padded with id 0 to a power-of-two
@@ -226,6 +236,10 @@ def route(model, texts, vocabulary=None, layer=None, batch_size=64, details=True
             take more than the tokens (default: `model(tokens,
             training=False)`). E.g. for a translation model, a function that
             feeds `tokens` as the source, with `layer` naming an encoder MoE.
+        context: None, or one token-id list per text (ids >= 1), padded
+            with 0 like the texts and passed to `forward` as a third
+            argument, `forward(model, tokens, context)`: e.g. each target
+            text's source sentence, for a translation model's decoder MoE.
 
     Returns:
         dict with `texts` (list of str), `token_ids` (list of int lists)
@@ -279,7 +293,15 @@ def route(model, texts, vocabulary=None, layer=None, batch_size=64, details=True
     ids = _token_ids(texts, vocabulary)
     if forward is not None and not callable(forward):
         raise ValueError(f"`forward` must be None or callable. Received: forward={forward!r:.80}")
-    captured = _capture(model, named, ids, batch_size, forward or _default_forward)
+    if context is not None:
+        if forward is None:
+            raise ValueError("`context` needs a `forward` that takes it: "
+                             "forward(model, tokens, context)")
+        context = _token_ids(list(context), vocabulary)
+        if len(context) != len(ids):
+            raise ValueError(f"`context` must hold one entry per text ({len(ids)}). "
+                             f"Received: {len(context)} entries")
+    captured = _capture(model, named, ids, batch_size, forward or _default_forward, context)
     result = {
         "texts": [
             t if isinstance(t, str) else " ".join(token_string(i, vocabulary) for i in row)
@@ -295,7 +317,16 @@ def route(model, texts, vocabulary=None, layer=None, batch_size=64, details=True
     return result
 
 
-def _capture(model, named, ids, batch_size, run):
+def _padded(rows, count):
+    """`rows` as int32 `[count, width]`, zero-padded; width a power of two >= MIN_WIDTH."""
+    width = max(MIN_WIDTH, 1 << (max(len(row) for row in rows) - 1).bit_length())
+    out = np.zeros((count, width), np.int32)
+    for j, row in enumerate(rows):
+        out[j, : len(row)] = row
+    return out
+
+
+def _capture(model, named, ids, batch_size, run, context=None):
     """Per layer, per text: `(x [n, d], expert_indices [n, k], gates, clean_logits)`."""
     records = {name: [] for name in named}
     observers = {name: _recording_observer(records[name]) for name in named}
@@ -310,11 +341,11 @@ def _capture(model, named, ids, batch_size, run):
             rows = order[start : start + batch_size]
             # Every batch has the same rows (the last one padded with empty
             # rows) and a power-of-two width: few traced shapes.
-            width = max(MIN_WIDTH, 1 << (max(len(ids[i]) for i in rows) - 1).bit_length())
-            tokens = np.zeros((min(batch_size, len(order)), width), np.int32)
-            for j, i in enumerate(rows):
-                tokens[j, : len(ids[i])] = ids[i]
-            for name, values in forward(tf.constant(tokens)).items():
+            count = min(batch_size, len(order))
+            tokens = _padded([ids[i] for i in rows], count)
+            extra = () if context is None else (
+                tf.constant(_padded([context[i] for i in rows], count)),)
+            for name, values in forward(tf.constant(tokens), *extra).items():
                 values = {key: np.asarray(v) for key, v in values.items()}
                 if values["expert_indices"].shape[:2] != tokens.shape:
                     raise ValueError(
@@ -366,125 +397,3 @@ def _layer_result(info, layer, ids, captured, vocabulary, details):
         experts.append(entry)
     return {**info, "tokens_routed": sum(len(row) for row in ids), "pairs": pairs,
             "experts": experts, "tokens": texts}
-
-
-def pair_counts(layer_result):
-    """`{token: [pairs routed to expert 0, 1, ...]}` of a `route` layer result."""
-    counts = {}
-    for text in layer_result["tokens"]:
-        for token in text:
-            row = counts.setdefault(token["token"], [0] * layer_result["num_experts"])
-            for e in token["experts"]:
-                row[e] += 1
-    return counts
-
-
-def characteristic_tokens(source, top=10, min_count=2):
-    """Per expert, the tokens routed to it far more often than their frequency predicts.
-
-    The ratio is `P(token | expert) / P(token)` over routed (token, expert)
-    pairs: `(c[t, e] / C_e) / (C_t / C)` with `c[t, e]` the pairs of token
-    `t` sent to expert `e`, `C_e` all pairs of `e`, `C_t` all pairs of `t`
-    and `C` all pairs (with top-k gating `C_t / C` is the token's share of
-    the positions). A ratio of `E / k` means every occurrence of the token
-    went to this expert (when the experts are balanced), 1 means the expert
-    sees it at its usual rate; only tokens above 1 are characteristic.
-
-    Args:
-        source: a layer result of `route`, or `{token: [count per expert]}`.
-        top: int >= 1, tokens kept per expert.
-        min_count: int >= 1, tokens with fewer pairs on the expert are left
-            out (a single occurrence gives a large, meaningless ratio).
-
-    Returns:
-        list, per expert: `{"expert", "count" (C_e), "tokens": [{"token",
-        "count" (c[t, e]), "total" (C_t), "ratio"}, ...]}`, tokens with a
-        ratio above 1, highest first (ties: larger count, then the token).
-
-    Example:
-
-    >>> table = characteristic_tokens({"a": [6, 0], "b": [2, 4], "c": [0, 4]})
-    >>> [(t["token"], round(t["ratio"], 3)) for t in table[1]["tokens"]]
-    [('c', 2.0), ('b', 1.333)]
-    """
-    for name, value in (("top", top), ("min_count", min_count)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-    if isinstance(source, dict) and "tokens" in source:
-        counts, width = pair_counts(source), source["num_experts"]
-    else:
-        counts = source
-        width = len(next(iter(counts.values()))) if counts else 0
-    tokens = list(counts)
-    matrix = np.array([counts[t] for t in tokens], np.float64).reshape(len(tokens), width)
-    total = matrix.sum()
-    per_expert = matrix.sum(axis=0)
-    per_token = matrix.sum(axis=1)
-    table = []
-    for e in range(matrix.shape[1]):
-        rows = []
-        for i, token in enumerate(tokens):
-            c = matrix[i, e]
-            if c < min_count:
-                continue
-            ratio = (c / per_expert[e]) / (per_token[i] / total)
-            if ratio > 1:
-                rows.append({"token": token, "count": int(c), "total": int(per_token[i]),
-                             "ratio": float(ratio)})
-        # Rounded: equal ratios computed from different counts tie exactly.
-        rows.sort(key=lambda r: (-round(r["ratio"], 9), -r["count"], r["token"]))
-        table.append({"expert": e, "count": int(per_expert[e]), "tokens": rows[:top]})
-    return table
-
-
-def expert_contexts(layer_result, top=3, window=2):
-    """Per expert, the positions with its largest gates and their surroundings (Table 9).
-
-    Returns:
-        list, per expert, of `{"gate", "text", "position", "context"}`
-        (context: `window` tokens each side, the token in brackets),
-        largest gate first.
-
-    Example:
-
-    >>> layer = {"num_experts": 2, "tokens": [[
-    ...     {"token": "a", "experts": [0], "gates": [0.9]},
-    ...     {"token": "b", "experts": [1], "gates": [0.6]}]]}
-    >>> expert_contexts(layer, window=1)[1][0]["context"]
-    'a [b]'
-    """
-    found = [[] for _ in range(layer_result["num_experts"])]
-    for text_index, text in enumerate(layer_result["tokens"]):
-        for position, token in enumerate(text):
-            for e, gate in zip(token["experts"], token["gates"], strict=True):
-                found[e].append((gate, text_index, position))
-    contexts = []
-    for entries in found:
-        entries.sort(key=lambda entry: (-entry[0], entry[1], entry[2]))
-        rows = []
-        for gate, text_index, position in entries[:top]:
-            words = [token["token"] for token in layer_result["tokens"][text_index]]
-            left = words[max(0, position - window) : position]
-            right = words[position + 1 : position + 1 + window]
-            context = " ".join([*left, f"[{words[position]}]", *right])
-            rows.append({"gate": gate, "text": text_index, "position": position,
-                         "context": context})
-        contexts.append(rows)
-    return contexts
-
-
-def gate_matrix(layer_result, text_index):
-    """Gates of one text as a float `[tokens, num_experts]` array (0 where not chosen).
-
-    Example:
-
-    >>> layer = {"num_experts": 3, "tokens": [[{"experts": [2, 0], "gates": [0.7, 0.3]}]]}
-    >>> gate_matrix(layer, 0).tolist()
-    [[0.3, 0.0, 0.7]]
-    """
-    text = layer_result["tokens"][text_index]
-    matrix = np.zeros((len(text), layer_result["num_experts"]), np.float64)
-    for t, token in enumerate(text):
-        matrix[t, token["experts"]] = token["gates"]
-    return matrix
-

@@ -50,7 +50,7 @@ from keras_moe.pipelines.data.vocabulary import WordVocabulary
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 from keras_moe.pipelines.lm import inputs as lm_input
 from keras_moe.pipelines.lm.config import LMConfig, tokens_per_step
-from keras_moe.pipelines.training import guards, trainer
+from keras_moe.pipelines.training import guards, routing_checks, trainer
 from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.statistics import RoutingStatistics
@@ -270,7 +270,12 @@ def routing_report(model, lines_factory_, vocab, data_config):
 
 
 class ValidationPerplexity(trainer.Validation):
-    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs."""
+    """Adds `val_loss` and `val_perplexity` (whole file, per word) to the epoch logs.
+
+    And, from the same pass, the clean routing of every MoE block
+    (`routing_checks.validation_logs`: `val_<block>_cv_load`, ...; a warning
+    when it collapsed).
+    """
 
     def __init__(self, lines_factory_, vocab, data_config):
         super().__init__()
@@ -279,8 +284,12 @@ class ValidationPerplexity(trainer.Validation):
         self.data_config = data_config
 
     def validate(self, model):
-        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config)
-        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        # The same pass gives the clean routing of every MoE block and its collapse check.
+        result = evaluate_lines(model, self.lines_factory, self.vocab, self.data_config,
+                                routing=True)
+        return {"val_loss": result["loss"], "val_perplexity": result["perplexity"],
+                **routing_checks.validation_logs(result["routing"],
+                                                 routing_checks.training_step(self.model))}
 
 
 class LanguageModelTask(trainer.Task):
@@ -374,7 +383,10 @@ def evaluate(run_dir, data, format=None, k=None):
     Returns:
         dict with `perplexity`, `loss`, `tokens`, `words`, `convention`,
         `tokens_per_second` (of the evaluation pass), `k`, `unk_tokens`, `unk_rate`,
-        `unk_convention`, `data` and `model`.
+        `unk_convention`, `data` and `model`; for a MoE model also `routing`
+        (clean routing statistics per block) and `routing_check` (the collapse
+        alarm on it, `routing_checks.evaluation_check`; a warning per
+        collapsed block).
     """
     config, vocab, model, model_path = load_run(run_dir)
     if k is not None:
@@ -390,6 +402,8 @@ def evaluate(run_dir, data, format=None, k=None):
     result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - start)
     if not result["routing"]:
         del result["routing"]  # a model without MoE blocks
+    else:  # the collapse alarm on this clean routing, beside the training values
+        result["routing_check"] = routing_checks.evaluation_check(result["routing"], run_dir, data)
     return {**result, **unk_counts(factory, vocab), "k": k, "data": data, "model": model_path}
 
 

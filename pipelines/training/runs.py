@@ -54,6 +54,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
 from keras_moe.pipelines.training.budget import TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.training.step_progress import StepProgress
+from keras_moe.pipelines.training.summaries import RunSummaries
 
 # Keys that only steer how a run is executed: a resumed run may change them.
 RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
@@ -184,10 +185,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
             save_best_only=True,
         ),
         *[c for c in extra if not isinstance(c, TokenBudget)],
-        # Keras's callback for the `epoch_*` curves; the `batch_*` ones are
-        # numbered by the optimizer's step, so they go on after a resume.
-        keras.callbacks.TensorBoard(log_dir, update_freq="epoch"),
-        BatchSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
+        # `batch_*` and every evaluation's `epoch_*` curves, at the optimizer's step.
+        RunSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
         # Steps, loss, rates and evaluations (fit itself runs with verbose=0).
         StepProgress(train.steps, train.verbose, time_limit_minutes=train.time_limit_minutes),
     ]

@@ -32,7 +32,7 @@ import tensorflow as tf
 import keras_moe
 from keras_moe.models.decoding import beam_search, greedy_decode
 from keras_moe.pipelines import progress
-from keras_moe.pipelines.training import trainer
+from keras_moe.pipelines.training import routing_checks, trainer
 from keras_moe.pipelines.training.rundir import RunDir, step_checkpoint, step_checkpoints
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
@@ -232,6 +232,9 @@ class ValidationScores(trainer.Validation):
 
     BLEU is sacreBLEU on detokenized output of the first `bleu_sentences`
     validation pairs (all when 0), decoded with `beam_width` (1: greedy).
+    The loss pass also gives the clean routing of every MoE layer (encoder
+    and decoder): `routing_checks.validation_logs` adds `val_<layer>_cv_load`
+    and the rest, and warns when it collapsed.
     """
 
     def __init__(self, pairs, vocab, decode_config, batch_size, bleu_sentences, beam_width,
@@ -247,7 +250,8 @@ class ValidationScores(trainer.Validation):
         self.last_signature = None
 
     def validate(self, model):
-        result = evaluate_pairs(model, self.vocab, self.pairs, self.batch_size)
+        # The same pass gives the clean routing of every MoE layer and its collapse check.
+        result = evaluate_pairs(model, self.vocab, self.pairs, self.batch_size, routing=True)
         hypotheses = translate_lines(
             model, self.vocab, [s for s, _ in self.bleu_pairs], self.decode_config,
             self.batch_size, self.beam_width,
@@ -256,7 +260,9 @@ class ValidationScores(trainer.Validation):
                                target_language=self.target_language)
         self.last_signature = scores["bleu_signature"]
         return {"val_loss": result["loss"], "val_perplexity": result["perplexity"],
-                "val_bleu": scores["bleu"], "val_chrf": scores["chrf"]}
+                "val_bleu": scores["bleu"], "val_chrf": scores["chrf"],
+                **routing_checks.validation_logs(result["routing"],
+                                                 routing_checks.training_step(self.model))}
 
 
 class KeepLastCheckpoints(keras.callbacks.Callback):

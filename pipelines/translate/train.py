@@ -51,7 +51,7 @@ from keras_moe.models import translation_presets
 from keras_moe.pipelines import progress
 from keras_moe.pipelines.data import parallel_corpora
 from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
-from keras_moe.pipelines.training import guards, trainer
+from keras_moe.pipelines.training import guards, routing_checks, trainer
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.translate import inputs as translate_input
 from keras_moe.pipelines.translate import scoring
@@ -269,7 +269,9 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
         `bleu_tokenized_convention`, `chrf`, `chrf_signature`, `perplexity`
         (against the first reference), `hypotheses_file`, `k`,
         `sentences_per_second` (decoding) and `tokens_per_second` (the scoring
-        pass over the reference tokens) and more.
+        pass over the reference tokens) and more; for a MoE model `routing`
+        and `routing_check` (the collapse alarm on the clean routing of every
+        MoE layer, `routing_checks.evaluation_check`).
     """
     if not references:
         raise ValueError("`references` must name at least one reference file")
@@ -302,6 +304,9 @@ def evaluate(run_dir, source, references, beam_width=None, average=None, out=Non
     result["sentences_per_second"] = len(limited) / decoding_seconds
     if not result["routing"]:
         del result["routing"]
+    else:  # the collapse alarm on this clean routing, beside the training values
+        result["routing_check"] = routing_checks.evaluation_check(result["routing"], run_dir,
+                                                                  source)
     result = {**scores, **result, "truncated": truncated, "k": k, "beam_width": beam,
               "source": source,
               "references": list(references), "hypotheses_file": out, "model": model_path}

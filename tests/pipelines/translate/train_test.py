@@ -295,15 +295,16 @@ def test_checkpoint_average_is_the_mean_of_the_weights(cli_run, tmp_path):
         translate_train.average_checkpoints(model, [])
 
 
-def test_inspect_reports_the_encoder_routing_of_a_translation_run(cli_run, corpus, tmp_path):
+def test_inspect_reports_every_moe_layer_of_a_translation_run(cli_run, corpus, tmp_path):
     from keras_moe.pipelines.inspection.report import inspect_run
 
     run_dir, _ = cli_run
     source = lines(corpus["valid"]["en"])
     report = inspect_run(str(run_dir), corpus["valid"]["en"], out=str(tmp_path / "r.html"),
                          quiet=True)
-    assert set(report["layers"]) == {"encoder_moe"}
+    assert set(report["layers"]) == {"encoder_moe", "decoder_moe"}
     assert (tmp_path / "r.html").exists()
+    assert "== decoder_moe:" in report["tables"] and "== encoder_moe:" in report["tables"]
     # Independently: the full model's own routing of the same sources (the
     # encoder does not see the target), counted per expert.
     _, vocab, model, _ = translate_train.load_run(str(run_dir), average=0)
@@ -316,8 +317,25 @@ def test_inspect_reports_the_encoder_routing_of_a_translation_run(cli_run, corpu
     np.testing.assert_array_equal(reported, counts)
     tokens = sum(len(ids) for ids in vocab.encode_lines(source))
     assert sum(reported) == 2 * tokens  # k = 2 experts per source token, <eos> included
-    with pytest.raises(ValueError, match="decoder's routing"):
-        inspect_run(str(run_dir), corpus["valid"]["en"], layer="decoder_moe", quiet=True)
+    # The decoder's: the model teacher-forced on its own greedy translations
+    # (decoder input `<eos> y1 ... yn`), all sentences in one padded batch.
+    config = translate_train.load_run(str(run_dir), average=0)[0]
+    sources = vocab.encode_lines(source)
+    hypotheses = translate_train.translate_ids(model, sources, config.decode, 64, beam_width=1)
+    decoder_in = [[2, *h] for h in hypotheses]
+    src, tgt = (np.zeros((len(rows), max(map(len, rows))), np.int32)
+                for rows in (sources, decoder_in))
+    for i, (a, b) in enumerate(zip(sources, decoder_in, strict=True)):
+        src[i, : len(a)], tgt[i, : len(b)] = a, b
+    _, extras = model((src, tgt), training=False, return_routing=True)
+    reported = [e["count"] for e in report["layers"]["decoder_moe"]["experts"]]
+    np.testing.assert_array_equal(reported, np.asarray(extras["routing"]["decoder_moe"].counts))
+    assert sum(reported) == 2 * sum(len(row) for row in decoder_in)
+    with pytest.raises(ValueError, match="decoder_moe.*layer='nope'"):
+        inspect_run(str(run_dir), corpus["valid"]["en"], layer="nope", quiet=True)
+    only = inspect_run(str(run_dir), corpus["valid"]["en"], layer="decoder_moe", quiet=True,
+                       out=str(tmp_path / "d.html"))
+    assert set(only["layers"]) == {"decoder_moe"}
 
 
 def test_cli_export_translates_like_the_run(cli_run, corpus, tmp_path):
