@@ -245,7 +245,7 @@ class HierarchicalMoE(SparseMoEBase):
         expert_hidden_layers, expert_parallel, expert_dropout: as for `MoE` (expert
             parallelism splits the `num_groups * experts_per_group` experts
             evenly over the replicas).
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and `recompute_hidden` as for `MoE`.
 
     Call arguments:
         As for `MoE`.

@@ -103,6 +103,7 @@ class SparseMoEBase(keras.layers.Layer):
         expert_hidden_layers=1,
         expert_parallel=False,
         expert_dropout=0.0,
+        recompute_hidden=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -136,8 +137,10 @@ class SparseMoEBase(keras.layers.Layer):
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
             seed=seed, num_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
-            dropout=expert_dropout, dtype=self.dtype_policy, name="experts",
+            dropout=expert_dropout, recompute_hidden=recompute_hidden,
+            dtype=self.dtype_policy, name="experts",
         )
+        self.recompute_hidden = recompute_hidden
         self.expert_parallel = expert_parallel
         self.expert_dropout = self.experts.dropout
 
@@ -157,6 +160,7 @@ class SparseMoEBase(keras.layers.Layer):
             "balancing_scope": self.balancing_scope,
             "expert_parallel": self.expert_parallel,
             "expert_dropout": self.expert_dropout,
+            "recompute_hidden": self.recompute_hidden,
         }
         return {**super().get_config(), **config}
 
@@ -424,6 +428,9 @@ class MoE(SparseMoEBase):
         expert_dropout: float in [0, 1) (default 0), dropout on the experts'
             hidden activations in training (Switch Transformer's expert
             dropout; see `keras_moe.FeedForwardExperts`).
+        recompute_hidden: bool (default False), recompute the experts'
+            hidden activations in the backward pass instead of keeping them
+            (App. D; see `keras_moe.recompute`). Passed through `**kwargs`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:

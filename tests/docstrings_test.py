@@ -22,6 +22,7 @@ MODULES = [
     "keras_moe.pipelines.inspection.routes",
     "keras_moe.validation",
     "keras_moe.optimizers",
+    "keras_moe.recompute",
     "keras_moe.expert_optimizer",
     "keras_moe.grouped",
     "keras_moe.pipelines.data.shards",
