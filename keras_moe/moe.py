@@ -130,8 +130,9 @@ class SparseMoEBase(keras.layers.Layer):
         self.capacity_factor = validate_capacity_factor(capacity_factor)
         self.supports_masking = True
         # Dropless dispatch has data-dependent shapes, which XLA cannot
-        # compile; this keeps `compile(jit_compile="auto")` off XLA.
-        self.supports_jit = self.capacity_factor is not None
+        # compile; this keeps `compile(jit_compile="auto")` off XLA. So does
+        # the batchwise gate's mask (a data-dependent number of pairs).
+        self.supports_jit = self.capacity_factor is not None and gating != "batchwise"
         self.routing_metrics = make_routing_metrics(self.name)
         self._routing_observers = ()
         self.experts = FeedForwardExperts(
