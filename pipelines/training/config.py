@@ -18,6 +18,7 @@ the same in both pipelines and live here once:
 import dataclasses
 
 from keras_moe.pipelines.config import PresetOverrides, check_positive
+from keras_moe.pipelines.training import precision
 
 # `train.strategy` values (see `keras_moe.pipelines.training.distribution`).
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -74,9 +75,13 @@ class TrainConfig:
     verbose: int = 1  # Keras progress bar: 0 silent, 1 bar, 2 a line per epoch
     strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
     expert_parallel: bool = False  # mirrored only: E / replicas experts per replica
+    optimizer: str = "adam"  # adam | factored_adam (App. D; pipelines/training/precision.py)
+    mixed_precision: str = "none"  # none | mixed_bfloat16 | mixed_float16
 
     def __post_init__(self):
         check_train_keys(self.strategy, self.expert_parallel)
+        precision.check_choice("optimizer", self.optimizer, precision.OPTIMIZERS)
+        precision.check_choice("mixed_precision", self.mixed_precision, precision.MIXED_PRECISION)
         for name in ("steps", "steps_per_eval", "learning_rate", "monitor_every_n_steps"):
             check_positive(name, getattr(self, name))
         for name in ("warmup_steps", "epsilon", "clipnorm", "time_limit_minutes"):

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_moe
 from keras_moe.optimizers import FactoredAdam
@@ -70,6 +71,27 @@ def test_one_optimizer_keeps_each_variables_own_state():
                                    factored)
         np.testing.assert_allclose(variables[name].numpy(), expected, rtol=2e-5, atol=2e-6,
                                    err_msg=name)
+
+
+def test_sparse_gradients_of_an_embedding_equal_their_dense_form():
+    # `fit` hands an embedding's gradient over as tf.IndexedSlices: the
+    # looked-up rows only. The update is that of the dense gradient.
+    rng = np.random.default_rng(5)
+    w0 = rng.normal(size=(6, 4)).astype(np.float32)
+    steps = [(np.array([0, 2, 2]), rng.normal(size=(3, 4)).astype(np.float32)),
+             (np.array([5, 1, 0]), rng.normal(size=(3, 4)).astype(np.float32))]
+    dense_grads = []
+    for rows, values in steps:
+        dense = np.zeros_like(w0)
+        np.add.at(dense, rows, values)
+        dense_grads.append(dense)
+    w = keras.Variable(w0)
+    opt = FactoredAdam(learning_rate=0.05, beta_2=0.9, epsilon=1e-6)
+    for rows, values in steps:
+        opt.apply_gradients([(tf.IndexedSlices(tf.constant(values), tf.constant(rows),
+                                               tf.constant([6, 4])), w)])
+    expected = reference_steps(w0, dense_grads, 0.05, 0.9, 1e-6, factored=True)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=2e-5, atol=2e-6)
 
 
 def test_rank_one_squared_gradient_is_estimated_exactly():
