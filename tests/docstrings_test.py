@@ -23,6 +23,7 @@ MODULES = [
     "keras_moe.validation",
     "keras_moe.optimizers",
     "keras_moe.recompute",
+    "keras_moe.pipelines.training.precision",
     "keras_moe.expert_optimizer",
     "keras_moe.grouped",
     "keras_moe.pipelines.data.shards",
