@@ -125,18 +125,20 @@ def main(argv=None):
         d, h, tokens, k, experts = 512, 1024, 8192, 2, (32, 256, 2048)
     device = device_name()
     rows = []
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for e in experts:
         for capacity_factor in (None, 1.25):
             for precision in ("float32", "bfloat16"):
                 rows.append(run_case(e, k, tokens, d, h, capacity_factor, precision,
                                      args.repeats))
                 print_table(rows[-1:], device)
+                # Written after every case: a run stopped by its time limit
+                # still leaves what it measured.
+                with open(args.out, "w") as f:
+                    json.dump(dict(benchmark="device_layers", device=device, quick=args.quick,
+                                   tensorflow=tf.__version__, rows=rows), f, indent=1)
     print()
     print_table(rows, device)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(benchmark="device_layers", device=device, quick=args.quick,
-                       tensorflow=tf.__version__, rows=rows), f, indent=1)
     print(f"wrote {args.out}")
 
 
