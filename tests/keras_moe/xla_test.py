@@ -126,3 +126,22 @@ def test_layers_xla_cannot_compile_turn_jit_compile_off():
         assert model.jit_compile is False
         history = _fit(model)
         assert np.all(np.isfinite(history["loss"]))
+
+
+def test_recomputed_experts_fit_under_xla_as_the_plain_graph():
+    # `recompute_hidden=True` (tf.recompute_grad) compiles with XLA too.
+    def trained(recompute, jit_compile):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 12))
+        moe = keras_moe.MoE(8, 16, k=2, capacity_factor=1.25, gating="top_k", seed=1,
+                            recompute_hidden=recompute, name="moe")
+        model = keras.Model(inputs, keras.layers.Dense(12)(moe(inputs)))
+        model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=jit_compile)
+        return model, _fit(model)
+
+    plain, plain_history = trained(False, False)
+    xla, xla_history = trained(True, True)
+    assert xla.jit_compile is True
+    np.testing.assert_allclose(xla_history["loss"], plain_history["loss"], rtol=2e-4)
+    for a, b in zip(plain.weights, xla.weights, strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-4, err_msg=a.path)
