@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import expert_parallel as ep
-from keras_moe import grouped
+from keras_moe import grouped, recompute
 from keras_moe.validation import check_int, check_rate
 
 
@@ -55,6 +55,12 @@ class FeedForwardExperts(keras.layers.Layer):
             the data are small. Applied after the activation and inverted,
             as `keras.layers.Dropout` is: kept units are scaled by
             `1 / (1 - dropout)`.
+        recompute_hidden: bool (default False). Keep only the experts'
+            inputs for the backward pass and compute their hidden
+            activations again there (App. D): less memory (no `[rows, h]`
+            activations kept per layer) for one more expert forward pass
+            per step. Outputs and gradients are unchanged; see
+            `keras_moe.recompute`.
         expert_parallel: bool. Built under a `MirroredStrategy` of `R > 1`
             replicas, each replica then holds `E / R` experts (variables of
             shape `[E / R, ...]`, replica `r`'s component holding experts
@@ -94,10 +100,16 @@ class FeedForwardExperts(keras.layers.Layer):
         num_hidden_layers=1,
         expert_parallel=False,
         dropout=0.0,
+        recompute_hidden=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_rate("dropout", dropout)
+        if not isinstance(recompute_hidden, bool):
+            raise ValueError(
+                f"`recompute_hidden` must be a bool. Received: recompute_hidden={recompute_hidden!r}"
+            )
+        self.recompute_hidden = recompute_hidden
         self.dropout = float(dropout)
         # Only a layer with dropout gets a seed generator, so a layer without
         # keeps exactly the state (and saved files) it had before.
@@ -203,9 +215,10 @@ class FeedForwardExperts(keras.layers.Layer):
     def _activate(self, hidden, training):
         hidden = self.activation(hidden)
         if training and self.dropout:
-            hidden = keras.random.dropout(hidden, self.dropout, seed=self.seed_generator)
+            hidden = recompute.dropout(hidden, self.dropout, self.seed_generator)
         return hidden
 
+    @recompute.recomputable
     def call(self, inputs, training=None):
         training = bool(training)
         x = tf.cast(inputs, self.compute_dtype)
@@ -223,6 +236,7 @@ class FeedForwardExperts(keras.layers.Layer):
             y += self._cast(self.b_out)[:, None, :]
         return y
 
+    @recompute.recomputable
     def apply_partitioned(self, parts, training=False):
         """Run expert `e` on `parts[e]` (`[n_e, d]`) for every `e`.
 
@@ -266,6 +280,7 @@ class FeedForwardExperts(keras.layers.Layer):
             outputs.append(y)
         return outputs
 
+    @recompute.recomputable
     def apply_sorted(self, rows, counts, training=False):
         """Run the experts on rows sorted by expert, with a graph of constant size.
 
@@ -314,5 +329,6 @@ class FeedForwardExperts(keras.layers.Layer):
             "num_hidden_layers": self.num_hidden_layers,
             "expert_parallel": self.expert_parallel,
             "dropout": self.dropout,
+            "recompute_hidden": self.recompute_hidden,
         }
         return {**super().get_config(), **config}

@@ -265,7 +265,7 @@ class HierarchicalMoE(SparseMoEBase):
             secondary logits for every token (what the hierarchy avoids),
             and could leave a chosen group with fewer than `k_secondary`
             pool experts. `routing.pools` lists the pools' experts.
-        **kwargs: base `Layer` arguments.
+        **kwargs: base `Layer` arguments, and `recompute_hidden` as for `MoE`.
 
     Call arguments:
         As for `MoE`.

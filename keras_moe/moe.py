@@ -87,6 +87,7 @@ class SparseMoEBase(RoutingOptions, keras.layers.Layer):
         expert_hidden_layers=1,
         expert_parallel=False,
         expert_dropout=0.0,
+        recompute_hidden=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -113,15 +114,18 @@ class SparseMoEBase(RoutingOptions, keras.layers.Layer):
         self.capacity_factor = validate_capacity_factor(capacity_factor)
         self.supports_masking = True
         # Dropless dispatch has data-dependent shapes, which XLA cannot
-        # compile; this keeps `compile(jit_compile="auto")` off XLA.
-        self.supports_jit = self.capacity_factor is not None
+        # compile; this keeps `compile(jit_compile="auto")` off XLA. So does
+        # the batchwise gate's mask (a data-dependent number of pairs).
+        self.supports_jit = self.capacity_factor is not None and gating != "batchwise"
         self.routing_metrics = make_routing_metrics(self.name)
         self._routing_observers = ()
         self.experts = FeedForwardExperts(
             num_experts, expert_hidden_dim, output_dim, expert_activation, use_bias,
             seed=seed, num_hidden_layers=expert_hidden_layers, expert_parallel=expert_parallel,
-            dropout=expert_dropout, dtype=self.dtype_policy, name="experts",
+            dropout=expert_dropout, recompute_hidden=recompute_hidden,
+            dtype=self.dtype_policy, name="experts",
         )
+        self.recompute_hidden = recompute_hidden
         self.expert_parallel = expert_parallel
         self.expert_dropout = self.experts.dropout
 
@@ -142,6 +146,7 @@ class SparseMoEBase(RoutingOptions, keras.layers.Layer):
             "expert_parallel": self.expert_parallel,
             "expert_dropout": self.expert_dropout,
             **self.routing_options_config(),
+            "recompute_hidden": self.recompute_hidden,
         }
         return {**super().get_config(), **config}
 
@@ -418,6 +423,9 @@ class MoE(SparseMoEBase):
             `keras_moe.pools`). `pool_size_range`: optional `(low, high)`,
             `P` drawn per training call. `pool_by`: `"row"` (each batch row
             is one document) or `"document_ids"` (the call argument).
+        recompute_hidden: bool (default False), recompute the experts'
+            hidden activations in the backward pass instead of keeping them
+            (App. D; see `keras_moe.recompute`). Passed through `**kwargs`.
         **kwargs: base `Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:

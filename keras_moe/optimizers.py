@@ -31,6 +31,7 @@ instead of Adam's `2 * E * d * h`.
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_moe import _compat
@@ -113,6 +114,11 @@ class FactoredAdam(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
+        if isinstance(gradient, tf.IndexedSlices):
+            # An embedding's gradient arrives as the rows looked up. Every
+            # row's and column's average decays at every step, looked up or
+            # not, so the update needs the dense gradient (zeros elsewhere).
+            gradient = tf.convert_to_tensor(gradient)
         gradient = ops.cast(gradient, dtype)
         beta_2 = ops.cast(self.beta_2, dtype)
         step = ops.cast(self.iterations + 1, dtype)

@@ -24,6 +24,8 @@ MODULES = [
     "keras_moe.pipelines.inspection.routes",
     "keras_moe.validation",
     "keras_moe.optimizers",
+    "keras_moe.recompute",
+    "keras_moe.pipelines.training.precision",
     "keras_moe.expert_optimizer",
     "keras_moe.grouped",
     "keras_moe.pipelines.data.shards",

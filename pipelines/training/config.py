@@ -18,6 +18,7 @@ the same in both pipelines and live here once:
 import dataclasses
 
 from keras_moe.pipelines.config import PresetOverrides, check_positive
+from keras_moe.pipelines.training import precision
 
 # `train.strategy` values (see `keras_moe.pipelines.training.distribution`).
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -85,9 +86,13 @@ class TrainConfig:
     # <eos> included): the training data is read once and training stops when the
     # budget is seen (`keras_moe.pipelines.training.budget`). Language models only.
     max_tokens: int | None = None
+    optimizer: str = "adam"  # adam | factored_adam (App. D; pipelines/training/precision.py)
+    mixed_precision: str = "none"  # none | mixed_bfloat16 | mixed_float16
 
     def __post_init__(self):
         check_train_keys(self.strategy, self.expert_parallel)
+        precision.check_choice("optimizer", self.optimizer, precision.OPTIMIZERS)
+        precision.check_choice("mixed_precision", self.mixed_precision, precision.MIXED_PRECISION)
         check_positive("max_tokens", self.max_tokens)
         if self.max_tokens is not None and type(self) is not TrainConfig:
             # The translation pipeline's `train` section subclasses this one;

@@ -40,7 +40,7 @@ import keras
 from keras_moe.models.training import TokenPerplexity, WarmupInverseSqrt
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data.vocabulary import check_vocabulary_matches
-from keras_moe.pipelines.training import distribution
+from keras_moe.pipelines.training import distribution, precision
 from keras_moe.pipelines.training.backup import load_model_file
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.training.runs import (
@@ -158,7 +158,7 @@ class Validation(keras.callbacks.Callback):
 
 
 def make_optimizer(train_config, hold_steps=0):
-    """Adam with the paper's schedule (`WarmupInverseSqrt`), from the `train` section.
+    """Adam (or `train.optimizer`'s choice) with the paper's schedule, from the `train` section.
 
     Args:
         train_config: the configuration's `train` section (`learning_rate`,
@@ -171,10 +171,9 @@ def make_optimizer(train_config, hold_steps=0):
     replica's expert shards out of the gradient all-reduce).
     """
     t = train_config
-    return distribution.expert_parallel_optimizer(keras.optimizers.Adam(
-        WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay, hold_steps=hold_steps),
-        beta_1=t.beta_1, beta_2=t.beta_2, epsilon=t.epsilon, clipnorm=t.clipnorm,
-    ), t.expert_parallel)
+    schedule = WarmupInverseSqrt(t.learning_rate, t.warmup_steps, t.decay, hold_steps=hold_steps)
+    # `train.optimizer`: Adam, or App. D's FactoredAdam (precision.make).
+    return distribution.expert_parallel_optimizer(precision.make(t, schedule), t.expert_parallel)
 
 
 def build_model(task, config, vocab_size, compile=True):
@@ -183,16 +182,18 @@ def build_model(task, config, vocab_size, compile=True):
     Call it inside the strategy's scope: the weights and the optimizer's
     variables then belong to the strategy.
     """
-    model = task.build_model(config, vocab_size)
-    if not compile:
-        return model
-    model.compile(
-        optimizer=make_optimizer(config.train, task.hold_steps(config.train)),
-        loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="mean_with_sample_weight"
-        ),
-        weighted_metrics=task.weighted_metrics(model),
-    )
+    # `train.mixed_precision`: the policy every layer takes while built.
+    with precision.policy_scope(config.train.mixed_precision):
+        model = task.build_model(config, vocab_size)
+        if not compile:
+            return model
+        model.compile(
+            optimizer=make_optimizer(config.train, task.hold_steps(config.train)),
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            ),
+            weighted_metrics=task.weighted_metrics(model),
+        )
     return model
 
 
