@@ -30,8 +30,10 @@ ended it; `stopped_at_step` is the optimizer step at which it stopped.
 At every evaluation (epoch end) it adds `tokens` to the logs (so
 `history.csv` gets a `tokens` column) and, with `log_dir`, writes every
 `val_*` value under the tag `tokens/val_*` with the token count as the
-TensorBoard step, into `log_dir/validation` (next to Keras's `epoch_val_*`
-curves, whose step is the epoch). In `runs.run_callbacks` it runs after the
+TensorBoard step, into `log_dir/by_tokens`: a TensorBoard run of its own,
+because the step axis of `train/` and `validation/` is the optimizer's step
+(`summaries.RunSummaries`), and a second writer in one directory would
+hide curves from a live TensorBoard. In `runs.run_callbacks` it runs after the
 validation callback (whose values it reads) and before the history logger.
 """
 
@@ -55,6 +57,10 @@ def budget_steps(max_tokens, tokens_per_step):
     return math.ceil(max_tokens / tokens_per_step)
 
 
+# The TensorBoard run (subdirectory of the log directory) whose step is tokens seen.
+BY_TOKENS = "by_tokens"
+
+
 class TokenBudget(keras.callbacks.Callback):
     """Counts training tokens, logs them, and stops at a one-pass budget or at the end of the data.
 
@@ -66,7 +72,7 @@ class TokenBudget(keras.callbacks.Callback):
             (`train.steps_per_eval`); an epoch that nobody stopped and that
             got fewer means the data ran out. None: not checked.
         log_dir: optional TensorBoard directory; `tokens/val_*` summaries go
-            into its `validation` subdirectory.
+            into its `by_tokens` subdirectory.
 
     Attributes:
         tokens: training tokens seen so far (resumed steps included).
@@ -173,7 +179,7 @@ class TokenBudget(keras.callbacks.Callback):
         if self.log_dir is None or not values:
             return
         if self._writer is None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "validation"))
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, BY_TOKENS))
         with self._writer.as_default():
             for key, value in sorted(values.items()):
                 tf.summary.scalar(f"tokens/{key}", float(value), step=self.tokens)

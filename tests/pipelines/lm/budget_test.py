@@ -93,7 +93,7 @@ def test_budget_stops_at_its_tokens_and_logs_them(tmp_path, corpus):
     assert [int(r["step"]) for r in rows] == [3, 6, 7]
     assert [int(float(r["tokens"])) for r in rows] == [96, 192, 224]
     acc = event_accumulator.EventAccumulator(
-        str(run_dir / "tensorboard" / "validation"), size_guidance={"tensors": 0}
+        str(run_dir / "tensorboard" / "by_tokens"), size_guidance={"tensors": 0}
     )
     acc.Reload()
     events = acc.Tensors("tokens/val_perplexity")

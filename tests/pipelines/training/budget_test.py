@@ -120,7 +120,7 @@ def test_validation_values_go_to_tensorboard_by_tokens(tmp_path):
     budget = TokenBudget(tokens_per_step=10, max_tokens=60, steps_per_epoch=3,
                          log_dir=str(tmp_path))
     fit(model, data, [FakeValidation(), budget])
-    acc = event_accumulator.EventAccumulator(str(tmp_path / "validation"),
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "by_tokens"),
                                              size_guidance={"tensors": 0})
     acc.Reload()
     events = acc.Tensors("tokens/val_perplexity")
