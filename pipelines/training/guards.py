@@ -185,6 +185,18 @@ def check_finished(steps, asked, callbacks):
         asked: `train.steps`.
         callbacks: the run's callbacks (see `stopped_on_purpose`; a
             `DivergenceGuard` among them tells when the data ran out).
+
+    Example:
+
+    >>> check_finished(10, 10, [])  # the budget done: nothing to say
+    >>> class TimeLimit:  # any stopping callback that says it reached a budget
+    ...     budget_reached = True
+    >>> check_finished(3, 10, [TimeLimit()])
+    >>> try:
+    ...     check_finished(3, 10, [])
+    ... except TrainingIncomplete as error:
+    ...     print(error.exit_code, str(error)[:44])
+    4 training stopped at step 3 of train.steps=10
     """
     if steps >= asked or stopped_on_purpose(callbacks) is not None:
         return
