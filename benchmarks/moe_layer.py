@@ -166,9 +166,51 @@ def run_case(kind, num_experts, k, tokens, d, h, repeats, groups=None, bandwidth
         first_call_s=trace_seconds,
         weight_read_floor_s=weight_floor,
         ratio_forward_to_floor=t_fwd / max(i_fwd, weight_floor),
+        # Other jobs may share the machine: their load is part of the record.
+        loadavg=os.getloadavg(),
     )
     del layer, fwd, fwd_bwd
     return row
+
+
+def flat_layer(num_experts, k, d, h):
+    keras.utils.set_random_seed(0)
+    layer = keras_moe.MoE(num_experts, h, k=k, name=f"moe{num_experts}")
+    layer.build((None, d))
+    layer.gating.w_gate.assign(np.random.normal(0, 1, (d, num_experts)) / np.sqrt(d))
+    return layer
+
+
+def run_pair(experts_a, experts_b, k, tokens, d, h, rounds):
+    """Forward+backward of two flat layers, calls alternated round by round.
+
+    Under a varying load (other jobs on the machine) two cases timed one
+    after the other see different machines; alternating their calls makes
+    the ratio of their times a fair comparison. Reports each case's median
+    and minimum over `rounds` and the ratio of medians.
+    """
+    x = tf.random.normal([tokens, d])
+    steps = {}
+    for e in (experts_a, experts_b):
+        _, fwd_bwd = moe_steps(flat_layer(e, k, d, h), x)
+        fwd_bwd()
+        fwd_bwd()
+        steps[e] = fwd_bwd
+    times = {e: [] for e in steps}
+    for _ in range(rounds):
+        for e, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[e].append(time.perf_counter() - start)
+    a, b = (statistics.median(times[e]) for e in (experts_a, experts_b))
+    return dict(
+        experts=[experts_a, experts_b], k=k, tokens=tokens, d=d, h=h, rounds=rounds,
+        forward_backward_s={str(e): times[e] for e in times},
+        median_s=[a, b], min_s=[min(times[experts_a]), min(times[experts_b])],
+        ratio_of_medians=b / a,
+        ratio_of_minima=min(times[experts_b]) / min(times[experts_a]),
+        loadavg=os.getloadavg(),
+    )
 
 
 def print_table(rows):
@@ -226,6 +268,11 @@ def main(argv=None):
         "--cases", metavar="E,k,T", nargs="+",
         help="flat cases to run instead of the grid, e.g. 4,2,8192 1024,2,8192",
     )
+    parser.add_argument(
+        "--pair", metavar="Ea,Eb,k,T",
+        help="time two flat layers' forward+backward with alternated calls and print the "
+        "ratio (e.g. 4,1024,2,8192); --repeats rounds",
+    )
     parser.add_argument("--dims", metavar="d,h", help="expert sizes instead of 512,1024")
     parser.add_argument(
         "--markdown", metavar="JSON", help="print the Markdown table of a results file and exit"
@@ -256,6 +303,20 @@ def main(argv=None):
     if args.cases:
         flat = [tuple(int(v) for v in case.split(",")) for case in args.cases]
         args.only = "flat"
+    if args.pair:
+        e_a, e_b, k, t = (int(v) for v in args.pair.split(","))
+        pair = run_pair(e_a, e_b, k, t, d, h, args.repeats)
+        print(
+            f"E={e_a} vs E={e_b}, k={k}, T={t}: forward+backward median "
+            f"{pair['median_s'][0]:.3f} s vs {pair['median_s'][1]:.3f} s "
+            f"(x{pair['ratio_of_medians']:.2f}; minima x{pair['ratio_of_minima']:.2f})"
+        )
+        result = dict(benchmark="moe_layer_pair", strategy=args.strategy, pair=pair)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+        return result
     bandwidth = read_bandwidth_gib_s(args.repeats)
     print(f"measured memory read bandwidth: {bandwidth:.1f} GiB/s", flush=True)
     rows = []
@@ -283,6 +344,7 @@ def main(argv=None):
         strategy=args.strategy,
         read_bandwidth_gib_s=bandwidth,
         allocator=os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"),
+        loadavg_at_end=os.getloadavg(),
         rows=rows,
     )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -15,7 +15,10 @@ Usage:
 `--layers flat` uses flat `MoE(E, k=4)` layers instead: their gating has
 no per-group loop, so only the dispatch depends on `E`.
 
-Prints a table and writes JSON.
+Prints a table and writes JSON, with the trace-time growth from the
+smallest to the largest `E` of each layer kind and strategy (trace time =
+first step - next step) and the load average of the machine (other jobs
+share it; compare rows of one run).
 """
 
 import argparse
@@ -94,6 +97,22 @@ def print_table(rows, limit):
         )
 
 
+def growth(rows):
+    """`{layer/strategy: trace(E_max) / trace(E_min)}`, trace = first step - next step."""
+    out = {}
+    for key in sorted({(r["layer"], r["strategy"]) for r in rows}):
+        done = sorted(
+            (r["num_experts"], r["first_step_s"] - r["next_step_s"]) for r in rows
+            if (r["layer"], r["strategy"]) == key and r["finished"]
+        )
+        if len(done) >= 2:
+            out[f"{key[0]}/{key[1]}"] = dict(
+                experts=[done[0][0], done[-1][0]], trace_s=[done[0][1], done[-1][1]],
+                ratio=done[-1][1] / done[0][1],
+            )
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, nargs="+", default=[256, 1024, 4096])
@@ -118,10 +137,17 @@ def main(argv=None):
                     batch=BATCH,
                 )
                 row.update(run_limited(num_experts, strategy, args.limit, layer))
+                row["loadavg"] = os.getloadavg()
                 rows.append(row)
                 print_table(rows[-1:], args.limit)
     print()
     print_table(rows, args.limit)
+    ratios = growth(rows)
+    for key, g in ratios.items():
+        print(
+            f"trace time {key}: {g['trace_s'][0]:.2f} s at E={g['experts'][0]}, "
+            f"{g['trace_s'][1]:.2f} s at E={g['experts'][1]}: x{g['ratio']:.2f}"
+        )
     import keras
     import tensorflow as tf
 
@@ -138,6 +164,8 @@ def main(argv=None):
             python=sys.version.split()[0], tensorflow=tf.__version__, keras=keras.__version__,
         ),
         rows=rows,
+        trace_growth=ratios,
+        loadavg_at_end=os.getloadavg(),
     )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -75,6 +75,39 @@ def dropless_strategy(num_experts, strategy="auto"):
     return strategy
 
 
+def grouped_matmul(rows, group_index, weights, strategy="auto"):
+    """`out[p] = rows[p] @ weights[group_index[p]]`, rows in any order.
+
+    The secondary gates of `HierarchicalGating` use it: each row (a token
+    sent to a group) is multiplied by its group's gate matrix. Chosen as
+    `dropless_dispatch` chooses, by the number of groups `G`: below
+    `LOOP_MIN_EXPERTS`, `tf.dynamic_partition` and one matmul per group
+    (a few ops per group in the graph); from there on, the rows are sorted
+    by group and multiplied by one `keras_moe.grouped.segment_matmul`, a
+    graph whose size does not depend on `G`.
+
+    Args:
+        rows: `[P, d]`.
+        group_index: int32 `[P]` in `[0, G)`.
+        weights: `[G, d, m]` with a static `G`.
+        strategy: `"auto"`, `"unrolled"` or `"loop"` (see `dropless_strategy`).
+
+    Returns:
+        `[P, m]` in the order of `rows`; differentiable in `rows` and `weights`.
+    """
+    num_groups = weights.shape[0]
+    if dropless_strategy(num_groups, strategy) == "loop":
+        order, counts = grouped.sort_by_group(group_index, num_groups)
+        products = grouped.segment_matmul(tf.gather(rows, order), counts, weights)
+        # Back to row order: sorted position of row p is inverse[p].
+        return tf.gather(products, tf.math.invert_permutation(order))
+    matrices = tf.unstack(weights)
+    return partitioned_apply(
+        rows, group_index, num_groups,
+        lambda parts: [tf.matmul(part, matrices[g]) for g, part in enumerate(parts)],
+    )
+
+
 def dropless_dispatch(
     x, token_index, expert_index, gate, experts, num_tokens, training=False, strategy="auto",
 ):

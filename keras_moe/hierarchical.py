@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_moe import losses
-from keras_moe.dispatch import partitioned_apply
+from keras_moe.dispatch import grouped_matmul
 from keras_moe.gating import NoisyTopKGating, top_k_gates, validate_common
 from keras_moe.moe import SparseMoEBase
 from keras_moe.routing import GateDecision, make_routing_metrics
@@ -139,24 +139,20 @@ class HierarchicalGating(keras.layers.Layer):
         primary = self.primary(x, training=training, weight=weight, logits_mask=logits_mask,
                                k=k_primary)
         groups, per_group = self.num_groups, self.experts_per_group
-        w_gate = tf.unstack(tf.cast(self.w_gate, tf.float32))
-        w_noise = tf.unstack(tf.cast(self.w_noise, tf.float32))
         use_noise = self.noisy and training
-
-        def group_logits(parts):
-            outs = []
-            for g, rows in enumerate(parts):
-                clean = tf.matmul(rows, w_gate[g])
-                raw = tf.matmul(rows, w_noise[g]) if use_noise else tf.zeros_like(clean)
-                outs.append(tf.concat([clean, raw], axis=-1))
-            return outs
-
+        # Each token sent to group g is multiplied by that group's W_g (and
+        # W_noise) alone: one grouped product over all groups at once
+        # (`grouped_matmul`: a while loop from LOOP_MIN_EXPERTS groups on),
+        # so the graph does not grow with the number of groups.
+        weights = tf.cast(self.w_gate, tf.float32)
+        if use_noise:
+            weights = tf.concat([weights, tf.cast(self.w_noise, tf.float32)], axis=-1)
         routed = tf.gather(x, primary.token_index)
-        both = partitioned_apply(routed, primary.expert_index, groups, group_logits)
-        clean, raw = both[:, :per_group], both[:, per_group:]
+        logits = grouped_matmul(routed, primary.expert_index, weights)
+        clean = logits[:, :per_group]
         noise_std = noise = None
         if use_noise:
-            noise_std = tf.nn.softplus(raw) + self.noise_epsilon
+            noise_std = tf.nn.softplus(logits[:, per_group:]) + self.noise_epsilon
             noise = keras.random.normal(tf.shape(clean), seed=self.seed_generator)
         idx2, gates2, load_prob2 = top_k_gates(clean, noise_std, noise, self.k_secondary)
 

@@ -83,3 +83,16 @@ def test_distributed_benchmark_counts_what_each_replica_sends(tmp_path):
     assert rows["expert"]["expert_weight_bytes_per_replica"] * 2 == (
         rows["data"]["expert_weight_bytes_per_replica"]
     ) == 4 * experts
+
+
+def test_trace_time_growth_is_trace_time_at_the_largest_over_the_smallest_e():
+    bench = _load("trace_time")
+    rows = [
+        dict(layer="hier", strategy="loop", num_experts=e, finished=True, first_step_s=f,
+             next_step_s=n)
+        for e, f, n in ((4096, 7.0, 1.0), (256, 5.0, 1.0), (1024, 6.0, 0.5))
+    ] + [dict(layer="flat", strategy="unrolled", num_experts=256, finished=False)]
+    growth = bench.growth(rows)
+    assert growth == {
+        "hier/loop": dict(experts=[256, 4096], trace_s=[4.0, 6.0], ratio=1.5)
+    }

@@ -479,7 +479,8 @@ def test_dropless_strategy_is_chosen_by_the_number_of_experts():
 
 
 @pytest.mark.parametrize(
-    "counts", [[2, 0, 3, 1, 0], [0, 0, 6, 0, 0], [0, 0, 0, 0, 0]], ids=["spread", "one", "none"]
+    "counts", [[2, 0, 3, 1, 0], [0, 0, 6, 0, 0], [0, 0, 0, 0, 0], [1, 3, 2]],
+    ids=["spread", "one", "none", "all"],
 )
 def test_segment_matmul_equals_numpy_with_gradients(counts):
     rng = np.random.default_rng(20)
@@ -510,6 +511,67 @@ def test_segment_matmul_equals_numpy_with_gradients(counts):
         np.testing.assert_allclose(g_weights, grad_weights, rtol=1e-12, atol=1e-12)
         # Groups without rows get an exact zero gradient.
         assert (g_weights[np.asarray(counts) == 0] == 0).all()
+
+
+def test_segment_matmul_gradients_of_equal_shapes_do_not_share_a_buffer():
+    # The weight gradient is filled in place in a fresh buffer (`Empty`, not
+    # zeroed when every group has rows): two products of the same shapes in
+    # one graph, called twice, must each get their own exact gradient.
+    rng = np.random.default_rng(27)
+    counts = tf.constant([2, 1, 3])
+    rows = tf.constant(rng.normal(size=(6, 3)))
+    w1, w2 = (tf.constant(rng.normal(size=(3, 3, 3))) for _ in range(2))
+    group = np.repeat(np.arange(3), [2, 1, 3])
+
+    @tf.function
+    def grads(rows, w1, w2):
+        with tf.GradientTape() as tape:
+            tape.watch([w1, w2])
+            hidden = grouped.segment_matmul(rows, counts, w1)
+            loss = tf.reduce_sum(grouped.segment_matmul(hidden, counts, w2))
+        return tape.gradient(loss, [w1, w2])
+
+    rows_np, w1_np, w2_np = rows.numpy(), w1.numpy(), w2.numpy()
+    hidden = np.einsum("pd,pdm->pm", rows_np, w1_np[group])
+    expected_w2 = np.zeros_like(w2_np)
+    np.add.at(expected_w2, group, np.einsum("pd,pm->pdm", hidden, np.ones((6, 3))))
+    upstream = np.einsum("pdm,pm->pd", w2_np[group], np.ones((6, 3)))
+    expected_w1 = np.zeros_like(w1_np)
+    np.add.at(expected_w1, group, np.einsum("pd,pm->pdm", rows_np, upstream))
+    for _ in range(2):
+        g1, g2 = grads(rows, w1, w2)
+        np.testing.assert_allclose(g1.numpy(), expected_w1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(g2.numpy(), expected_w2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["unrolled", "loop"])
+def test_grouped_matmul_keeps_row_order_with_gradients(strategy):
+    rng = np.random.default_rng(28)
+    group_index = np.array([2, 0, 2, 3, 0, 2, 0])  # group 1 gets no row
+    rows = rng.normal(size=(7, 3))
+    weights = rng.normal(size=(4, 3, 2))
+    r = rng.normal(size=(7, 2))
+    expected = np.einsum("pd,pdm->pm", rows, weights[group_index])
+    grad_weights = np.zeros_like(weights)
+    np.add.at(grad_weights, group_index, np.einsum("pd,pm->pdm", rows, r))
+
+    @tf.function
+    def run(rows, weights):
+        with tf.GradientTape() as tape:
+            tape.watch([rows, weights])
+            out = dispatch.grouped_matmul(
+                rows, tf.constant(group_index, tf.int32), weights, strategy=strategy
+            )
+            loss = tf.reduce_sum(out * r)
+        return (out, *(tf.convert_to_tensor(g) for g in tape.gradient(loss, [rows, weights])))
+
+    out, g_rows, g_weights = run(tf.constant(rows), tf.constant(weights))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        g_rows.numpy(), np.einsum("pdm,pm->pd", weights[group_index], r), rtol=1e-12
+    )
+    np.testing.assert_allclose(g_weights.numpy(), grad_weights, rtol=1e-12, atol=1e-15)
+    assert (g_weights.numpy()[1] == 0).all()
 
 
 def pair_reference(experts, x, token_index, expert_index, gate, r):

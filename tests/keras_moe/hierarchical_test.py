@@ -306,3 +306,190 @@ def test_invalid_arguments(kwargs, fragment):
         keras_moe.HierarchicalMoE(**args)
     assert fragment in str(info.value), str(info.value)
 
+
+
+# ------------------------------------------- gradients, both group paths ---
+#
+# The secondary gates run as one grouped product over all groups
+# (`keras_moe.dispatch.grouped_matmul`): a Python loop over the groups below
+# `LOOP_MIN_EXPERTS`, a `tf.while_loop` from there on. Both paths must give
+# the two-level reference's output and gradients.
+
+
+def hierarchical_reference_gradients(x, w_primary, w_secondary, w_in, b_in, w_out, b_out,
+                                     kp, ks, r):
+    """`y` and the gradients of `L = sum(y * r)` for the noise-free two-level MoE.
+
+    Worked out by hand in float64 for flat `x [N, d]`: the top-k choices
+    are piecewise constant, each softmax over kept logits is differentiated
+    exactly, and the combined gate of expert `(g, j)` is
+    `G_primary(x)_g * G_g(x)_j` (Eq. 12).
+    """
+    x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+    num_groups, _, per_group = w_secondary.shape
+    p_idx, p_gates = ref.top_k_gates(x @ w_primary, kp)
+    expert_out, pre = ref.all_experts(x, w_in, b_in, w_out, b_out)
+    a = np.einsum("no,neo->ne", r, expert_out)  # dL / d(combined gate)
+    dense = np.zeros((x.shape[0], num_groups * per_group))
+    g_x, g_secondary = np.zeros_like(x), np.zeros_like(w_secondary)
+    d_primary_logits = np.zeros((x.shape[0], num_groups))
+    for n in range(x.shape[0]):
+        d_pg = np.zeros(kp)
+        for slot, (g, pg) in enumerate(zip(p_idx[n], p_gates[n], strict=True)):
+            s_idx, s_gates = ref.top_k_gates(x[n : n + 1] @ w_secondary[g], ks)
+            s_idx, s_gates = s_idx[0], s_gates[0]
+            experts = g * per_group + s_idx
+            dense[n, experts] += pg * s_gates
+            d_pg[slot] = s_gates @ a[n, experts]
+            d_sg = pg * a[n, experts]
+            d_logits = np.zeros(per_group)
+            d_logits[s_idx] = s_gates * (d_sg - s_gates @ d_sg)
+            g_secondary[g] += np.outer(x[n], d_logits)
+            g_x[n] += w_secondary[g] @ d_logits
+        d_primary_logits[n, p_idx[n]] = p_gates[n] * (d_pg - p_gates[n] @ d_pg)
+    g_x += d_primary_logits @ w_primary.T
+    # The expert path, as for the flat MoE (tests/keras_moe/reference.py).
+    dy_e = dense[:, :, None] * r[:, None, :]
+    d_hidden = np.einsum("neo,eho->neh", dy_e, w_out) * (pre > 0)
+    g_x += np.einsum("neh,edh->nd", d_hidden, w_in)
+    grads = dict(
+        x=g_x, w_primary=x.T @ d_primary_logits, w_secondary=g_secondary,
+        w_in=np.einsum("nd,neh->edh", x, d_hidden), b_in=d_hidden.sum(0),
+        w_out=np.einsum("neh,neo->eho", ref.relu(pre), dy_e), b_out=dy_e.sum(0),
+    )
+    return np.einsum("ne,neo->no", dense, expert_out), dense, grads
+
+
+@pytest.fixture(params=["unrolled", "loop"])
+def group_path(request, monkeypatch):
+    """Runs a test with the gates and experts on each path, whatever the sizes."""
+    from keras_moe import dispatch
+
+    monkeypatch.setattr(dispatch, "LOOP_MIN_EXPERTS", 1 if request.param == "loop" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("routing", ["spread", "collapsed", "empty_groups", "masked"])
+def test_gradients_equal_two_level_reference(group_path, routing):
+    rng = np.random.default_rng(30)
+    groups, per_group, kp, ks = 4, 3, 2, 2
+    if routing == "empty_groups":
+        groups, kp = 6, 1
+    layer = make_hmoe(groups=groups, per_group=per_group, kp=kp, ks=ks, rng=rng,
+                      importance_weight=0.0, load_weight=0.0)
+    x = normal(rng, 2, 5, D)
+    mask = None
+    if routing == "collapsed":
+        # Positive inputs, one huge gate column per level: every token's
+        # first group is 1 and, in every group, its first expert is 0.
+        x = np.abs(x) + 0.1
+        w = ref.as_np(layer.gating.primary.w_gate)
+        w[:, 1] = 50.0
+        layer.gating.primary.w_gate.assign(w)
+        w = ref.as_np(layer.gating.w_gate)
+        w[:, :, 0] = 50.0
+        layer.gating.w_gate.assign(w)
+    if routing == "empty_groups":
+        # Positive inputs and very negative primary logits: groups 4 and 5
+        # (and their experts) never get a token.
+        x = np.abs(x) + 0.1
+        w = ref.as_np(layer.gating.primary.w_gate)
+        w[:, 4:] = -50.0
+        layer.gating.primary.w_gate.assign(w)
+    if routing == "masked":
+        mask = np.array([[True, False, True, True, False], [False, True, True, False, True]])
+    r = normal(rng, 2, 5, D)
+    g = layer.gating
+    variables = dict(w_primary=g.primary.w_gate, w_secondary=g.w_gate, w_in=layer.experts.w_in,
+                     b_in=layer.experts.b_in, w_out=layer.experts.w_out,
+                     b_out=layer.experts.b_out)
+
+    @tf.function
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=False, mask=mask)
+            loss = tf.reduce_sum(y * r)
+        grads = tape.gradient(loss, dict(x=x, **variables))
+        return y, {name: tf.convert_to_tensor(t) for name, t in grads.items()}
+
+    y, grads = run(tf.constant(x))
+    keep = np.ones((2, 5), bool) if mask is None else mask
+    y_ref, dense, expected = hierarchical_reference_gradients(
+        x[keep], ref.as_np(g.primary.w_gate), ref.as_np(g.w_gate), *ref.expert_weights(layer),
+        kp, ks, r[keep],
+    )
+    used_groups = np.flatnonzero(dense.reshape(-1, groups, per_group).sum((0, 2)))
+    if routing == "collapsed":
+        assert (dense.reshape(-1, groups, per_group)[:, 1, 0] > 0).all()
+    if routing == "empty_groups":
+        assert set(used_groups) <= {0, 1, 2, 3} and len(used_groups) > 1
+    np.testing.assert_allclose(y.numpy()[keep], y_ref, rtol=1e-5, atol=1e-5)
+    assert (y.numpy()[~keep] == 0).all()
+    grad_x = np.zeros_like(x, dtype=np.float64)
+    grad_x[keep] = expected.pop("x")
+    np.testing.assert_allclose(grads.pop("x").numpy(), grad_x, rtol=1e-4, atol=1e-5)
+    for name, value in grads.items():
+        np.testing.assert_allclose(value.numpy(), expected[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    unused = np.setdiff1d(np.arange(groups), used_groups)
+    assert (grads["w_secondary"].numpy()[unused] == 0).all()
+    if routing != "collapsed":  # (a saturated softmax has no gradient to speak of)
+        assert np.abs(expected["w_secondary"]).max() > 1e-3  # the secondary gates learn
+
+
+def test_noisy_training_is_the_same_on_both_group_paths(monkeypatch):
+    # With noise, the load estimator and both balancing losses: the two paths
+    # (same seed, so the same noise) give the same output, loss and gradients.
+    from keras_moe import dispatch
+
+    rng = np.random.default_rng(31)
+    x = tf.constant(normal(rng, 12, D))
+    results = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(dispatch, "LOOP_MIN_EXPERTS", threshold)
+        layer = make_hmoe(groups=4, per_group=3, kp=2, ks=2, rng=np.random.default_rng(32),
+                          seed=5, importance_weight=0.5, load_weight=0.7)
+        layer.gating.w_noise.assign(np.random.default_rng(33).normal(size=(4, D, 3)))
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y) + tf.add_n(layer.losses)
+        grads = tape.gradient(loss, layer.trainable_variables)
+        results.append((y.numpy(), float(loss), [tf.convert_to_tensor(t).numpy() for t in grads]))
+    (y0, loss0, g0), (y1, loss1, g1) = results
+    np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    names = [v.path for v in layer.trainable_variables]
+    for name, a, b in zip(names, g0, g1, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=name)
+    noise_grad = g1[names.index(layer.gating.w_noise.path)]
+    assert np.abs(noise_grad).max() > 1e-4  # the load loss reaches W_noise
+
+
+def test_graph_size_does_not_depend_on_the_number_of_groups(group_path):
+    from tests.keras_moe.dispatch_test import forward_and_backward, op_count
+
+    def ops(num_groups):
+        layer = keras_moe.HierarchicalMoE(num_groups, 2, 4, k_primary=2, k_secondary=1, seed=1)
+        layer.build((None, D))
+        return op_count(forward_and_backward(layer), tf.TensorSpec([None, D], tf.float32))
+
+    small, large = ops(4), ops(8)
+    if group_path == "loop":
+        assert small == large
+    else:
+        # The unrolled path adds ops per group and per expert: the count sees them.
+        assert large > small + 4 * 10
+
+
+def test_gate_weight_layout_is_unchanged():
+    # `.keras` files store the gate's variables in creation order; the
+    # grouped product reads the same [G, d, E_g] stacks as the per-group
+    # loop did, so files saved before it load unchanged.
+    layer = make_hmoe(groups=3, per_group=2)
+    gating = layer.gating
+    assert [v.path.split("/")[-1] for v in gating.weights] == [
+        "w_gate", "w_noise", "w_gate", "w_noise"
+    ]
+    assert [tuple(v.shape) for v in gating.weights] == [(3, D, 2), (3, D, 2), (D, 3), (D, 3)]
+    assert gating.weights[0] is gating.w_gate and gating.weights[1] is gating.w_noise
