@@ -18,10 +18,20 @@ the same in both pipelines and live here once:
 import dataclasses
 
 from keras_moe.pipelines.config import PresetOverrides, check_positive
-from keras_moe.pipelines.training import precision
 
 # `train.strategy` values (see `keras_moe.pipelines.training.distribution`).
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+# `train.optimizer` and `train.mixed_precision` (applied by `training.precision`).
+OPTIMIZERS = ("adam", "factored_adam")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+
+
+def check_choice(name, value, choices):
+    """ValueError naming the key unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(choices)}. Received: {name}={value!r}")
 
 
 def check_train_keys(strategy, expert_parallel):
@@ -91,8 +101,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_train_keys(self.strategy, self.expert_parallel)
-        precision.check_choice("optimizer", self.optimizer, precision.OPTIMIZERS)
-        precision.check_choice("mixed_precision", self.mixed_precision, precision.MIXED_PRECISION)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_positive("max_tokens", self.max_tokens)
         if self.max_tokens is not None and type(self) is not TrainConfig:
             # The translation pipeline's `train` section subclasses this one;

@@ -19,15 +19,10 @@ import keras
 
 from keras_moe.optimizers import FactoredAdam
 
-OPTIMIZERS = ("adam", "factored_adam")
-MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# The choices live with the configuration, which must load without Keras (the CLI).
+from keras_moe.pipelines.training.config import MIXED_PRECISION, OPTIMIZERS, check_choice
 
-
-def check_choice(name, value, choices):
-    """ValueError naming the key unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(choices)}. Received: {name}={value!r}")
+__all__ = ["MIXED_PRECISION", "OPTIMIZERS", "check_choice", "make", "policy_scope"]
 
 
 def make(train_config, learning_rate):

@@ -166,9 +166,15 @@ def test_fit_started_at_another_epoch_than_the_backup_is_stopped(tmp_path):
 def batch_scalars(log_dir, tag):
     from tensorboard.backend.event_processing import event_accumulator
 
-    acc = event_accumulator.EventAccumulator(str(log_dir / "train"), size_guidance={"tensors": 0})
+    # Each sitting writes its own event file, and their names do not always
+    # sort in the order they were written (two writers in one second differ
+    # only by a counter: "...9.v2" sorts after "...10.v2"): read every point,
+    # in the order it was written.
+    acc = event_accumulator.EventAccumulator(str(log_dir / "train"), size_guidance={"tensors": 0},
+                                             purge_orphaned_data=False)
     acc.Reload()
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+    events = sorted(acc.Tensors(tag), key=lambda e: e.wall_time)
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events]
 
 
 class Losses(keras.callbacks.Callback):
