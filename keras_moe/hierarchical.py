@@ -101,6 +101,10 @@ class HierarchicalGating(keras.layers.Layer):
             num_groups, experts_per_group, k_primary, k_secondary, gating, importance_weight,
             load_weight, noise_epsilon,
         )
+        # The second level runs each group's gate on the rows routed to it
+        # (data-dependent shapes, which XLA rejects), so Keras trains the
+        # layer without XLA (with a warning) instead of failing to compile.
+        self.supports_jit = False
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.k_primary = k_primary

@@ -22,22 +22,7 @@ from keras_moe.routing import (
     scatter_rows,
     update_routing_metrics,
 )
-from keras_moe.validation import check_int, check_rate
-
-
-def validate_capacity_factor(capacity_factor):
-    if capacity_factor is None:
-        return None
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise ValueError(
-            "`capacity_factor` must be None (dropless) or a number > 0. "
-            f"Received: capacity_factor={capacity_factor!r}"
-        )
-    if capacity_factor <= 0:
-        raise ValueError(
-            f"`capacity_factor` must be > 0. Received: capacity_factor={capacity_factor}"
-        )
-    return float(capacity_factor)
+from keras_moe.validation import check_capacity_factor, check_int, check_rate
 
 
 def make_gating(gating, num_experts, k, importance_weight, load_weight, noise_epsilon,
@@ -111,7 +96,7 @@ class SparseMoEBase(RoutingOptions, keras.layers.Layer):
         self.expert_activation = expert_activation
         self.use_bias = bool(use_bias)
         self.seed = seed
-        self.capacity_factor = validate_capacity_factor(capacity_factor)
+        self.capacity_factor = check_capacity_factor(capacity_factor)
         self.supports_masking = True
         # Dropless dispatch has data-dependent shapes, which XLA cannot
         # compile; this keeps `compile(jit_compile="auto")` off XLA. So does

@@ -73,3 +73,19 @@ def check_rate(name, value):
     """
     if not _is_number(value) or not 0 <= value < 1:
         raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")
+
+
+def check_capacity_factor(capacity_factor):
+    """None (dropless dispatch) or `capacity_factor` as a float; ValueError naming it otherwise."""
+    if capacity_factor is None:
+        return None
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise ValueError(
+            "`capacity_factor` must be None (dropless) or a number > 0. "
+            f"Received: capacity_factor={capacity_factor!r}"
+        )
+    if capacity_factor <= 0:
+        raise ValueError(
+            f"`capacity_factor` must be > 0. Received: capacity_factor={capacity_factor}"
+        )
+    return float(capacity_factor)

@@ -110,6 +110,8 @@ def _sampled_softmax_fits(policy):
     _check_fit(model, x, y, policy)
 
 
+# Slow (about 22 s for both policies): the LM cases above run in `make test`.
+@pytest.mark.slow
 def test_translation_model_fits(policy):
     rng = np.random.default_rng(1)
     source = rng.integers(1, V, size=(2 * B, T)).astype("int32")

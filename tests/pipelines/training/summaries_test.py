@@ -137,6 +137,9 @@ def test_resumed_lm_run_continues_the_curves_without_repeating_a_step(tmp_path, 
     assert len(glob.glob(str(run_dir / "tensorboard" / "validation" / "events.*"))) == 3
 
 
+# Slow (about 30 s: a translation run with greedy BLEU at every evaluation);
+# the LM runs above check the same writer in `make test`.
+@pytest.mark.slow
 def test_translation_run_has_bleu_chrf_and_both_layers_clean_routing(tmp_path):
     corpus = {"train": write_pairs(tmp_path, "train", 200, 0),
               "valid": write_pairs(tmp_path, "valid", 12, 1)}
