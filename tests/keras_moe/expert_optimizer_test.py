@@ -106,6 +106,8 @@ def test_shard_path_gives_keras_numbers_on_one_replica():
         assert len(owner) == 1 and tuple(slot.shape) == tuple(owner[0].shape)
 
 
+# Slow (about 11 s: a SavedModel export and reload).
+@pytest.mark.slow
 def test_saved_model_reloads_with_the_wrapper(tmp_path):
     model = train(keras_moe.ExpertParallelOptimizer(keras.optimizers.Adam(0.05, clipnorm=0.5)))
     path = str(tmp_path / "model.keras")

@@ -138,8 +138,11 @@ def test_moe_layers_pass_it_to_their_experts_and_round_trip():
         FeedForwardExperts(3, 4, recompute_hidden=1)
 
 
-@pytest.mark.parametrize("capacity_factor, loop", [(None, False), (None, True), (2.0, False)],
-                         ids=["unrolled", "loop", "capacity"])
+# The loop path runs in `make test`; the other two (about 9 s each) are slow.
+@pytest.mark.parametrize("capacity_factor, loop", [
+    pytest.param(None, False, marks=pytest.mark.slow), (None, True),
+    pytest.param(2.0, False, marks=pytest.mark.slow),
+], ids=["unrolled", "loop", "capacity"])
 def test_fit_matches_the_plain_model(capacity_factor, loop, tmp_path, monkeypatch):
     if loop:  # the while_loop dropless path, whatever the number of experts
         monkeypatch.setattr(dispatch, "LOOP_MIN_EXPERTS", 1)

@@ -236,6 +236,8 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
         load_config(LMConfig, bad)
 
 
+# Slow (about 15 s: it trains a run to swap its vocabulary).
+@pytest.mark.slow
 def test_vocabulary_that_does_not_match_the_model_is_refused(tmp_path, corpus):
     run_dir = tmp_path / "run"
     lm_train.train(tiny_config(corpus), str(run_dir))

@@ -80,7 +80,9 @@ def experts_w_in(model, layer):
     return tuple(model.get_layer(layer).experts.w_in.shape)
 
 
-@pytest.mark.parametrize("expert_parallel", [True, False], ids=["expert", "data"])
+# The expert-parallel case runs in `make test`; the data-parallel one (about 11 s) is slow.
+@pytest.mark.parametrize("expert_parallel", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["expert", "data"])
 def test_lm_mirrored_expert_parallel_end_to_end(
     tmp_path, lm_data, cli_in_process, capsys, expert_parallel
 ):

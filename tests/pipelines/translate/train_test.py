@@ -338,6 +338,8 @@ def test_inspect_reports_every_moe_layer_of_a_translation_run(cli_run, corpus, t
     assert set(only["layers"]) == {"decoder_moe"}
 
 
+# Slow (about 15 s): export_test.py checks served translations in `make test`.
+@pytest.mark.slow
 def test_cli_export_translates_like_the_run(cli_run, corpus, tmp_path):
     from keras_moe.pipelines.translate.export import load_translator
 
