@@ -89,6 +89,9 @@ class TrainConfig:
     seed: int = 1
     monitor_every_n_steps: int = 50  # routing histograms and bar charts
     time_limit_minutes: float | None = None  # stop after this much wall time
+    # With a time limit: stop at the last evaluation whose next round would not
+    # fit, so that a resumed run evaluates at the steps of an uninterrupted one.
+    time_limit_at_evaluation: bool = False
     verbose: int = 1  # 0 silent, 1 step lines (every 10 s) and evaluations, 2 evaluations only
     strategy: str = "default"  # default | mirrored | multi_worker | tpu (--strategy)
     expert_parallel: bool = False  # mirrored only: E / replicas experts per replica

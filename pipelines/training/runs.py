@@ -57,7 +57,7 @@ from keras_moe.pipelines.training.step_progress import StepProgress
 from keras_moe.pipelines.training.summaries import RunSummaries
 
 # Keys that only steer how a run is executed: a resumed run may change them.
-RUN_CONTROL_KEYS = ("time_limit_minutes", "verbose")
+RUN_CONTROL_KEYS = ("time_limit_minutes", "time_limit_at_evaluation", "verbose")
 
 
 def _comparable(config):
@@ -129,8 +129,8 @@ def prepare_run_dir(config, run_dir):
         if _comparable(saved) != _comparable(config):
             raise ValueError(
                 f"{path}: the run directory holds a different configuration; resume with the "
-                "same configuration (only train.time_limit_minutes and train.verbose may "
-                "change) or choose a new --run-dir"
+                "same configuration (only train.time_limit_minutes, train.time_limit_at_evaluation "
+                "and train.verbose may change) or choose a new --run-dir"
             )
     run.makedirs()
     config_lib.save_config(config, path)
@@ -163,7 +163,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     callbacks = [
         # First at an epoch's end: the time is noted before the backup of that
         # step is written, so a resumed run always finds its step's time.
-        TrainingClock(run, train.time_limit_minutes),
+        TrainingClock(run, train.time_limit_minutes,
+                      at_evaluation=train.time_limit_at_evaluation),
         StepLimit(train.steps),
         # Before the guard, the logger and checkpoints, which read the values it adds.
         validation,
@@ -331,10 +332,17 @@ class TrainingClock(keras.callbacks.Callback):
             the run's time passes it (then the run is evaluated and saved,
             and `budget_reached` is True: a legitimate early stop, see
             `guards.check_finished`).
+        at_evaluation: with a limit, also stop at an evaluation when the
+            next evaluation round, as long as the last one this sitting,
+            would pass the limit. A run stopped there resumes at a round
+            boundary, so it evaluates at the same steps as an uninterrupted
+            run (a run stopped inside a round evaluates every
+            `steps_per_eval` steps from where it resumed). The batch-level
+            stop stays as the hard limit.
         clock: a function returning seconds (for tests); `time.monotonic`.
     """
 
-    def __init__(self, run_dir, limit_minutes=None, clock=time.monotonic):
+    def __init__(self, run_dir, limit_minutes=None, clock=time.monotonic, at_evaluation=False):
         super().__init__()
         self.run = RunDir.wrap(run_dir)
         self.path = self.run.elapsed_file
@@ -345,6 +353,8 @@ class TrainingClock(keras.callbacks.Callback):
         self.noted = {}  # step -> seconds, as in elapsed.json
         self.stopped_at_step = None
         self.budget_reached = False  # set when the limit stops training
+        self.at_evaluation = at_evaluation
+        self.round_start = None  # this sitting's last evaluation (or its start), in run seconds
 
     def elapsed_seconds(self):
         """The run's training time so far (0 before `fit` has started)."""
@@ -368,6 +378,7 @@ class TrainingClock(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = self.clock()
         self.base = None
+        self.round_start = None
         self.budget_reached = False
         self.noted = self.read_noted(self.run)
 
@@ -378,6 +389,7 @@ class TrainingClock(keras.callbacks.Callback):
             step = int(self.model.optimizer.iterations.numpy())
             earlier = [s for s in self.noted if s <= step]
             self.base = self.noted[max(earlier)] if earlier else 0.0
+            self.round_start = self.elapsed_seconds()
 
     def on_train_batch_end(self, batch, logs=None):
         if (self.limit is not None and self.elapsed_seconds() > self.limit
@@ -390,10 +402,20 @@ class TrainingClock(keras.callbacks.Callback):
         seconds = self.elapsed_seconds()
         if logs is not None:
             logs["elapsed_minutes"] = seconds / 60.0
-        self.noted[int(self.model.optimizer.iterations.numpy())] = round(seconds, 3)
+        step = int(self.model.optimizer.iterations.numpy())
+        self.noted[step] = round(seconds, 3)
         _write_atomically(
             self.path, json.dumps({str(k): v for k, v in sorted(self.noted.items())})
         )
+        if self.at_evaluation and self.limit is not None and self.round_start is not None:
+            # The round just ended (its first one includes tracing, so the
+            # estimate errs on the safe side) predicts the next one.
+            round_seconds = seconds - self.round_start
+            self.round_start = seconds
+            if seconds + round_seconds > self.limit and not self.model.stop_training:
+                self.model.stop_training = True
+                self.stopped_at_step = step
+                self.budget_reached = True
 
 
 class StepLimit(keras.callbacks.Callback):

@@ -269,3 +269,29 @@ def test_a_run_continued_inside_a_round_resumes_at_its_own_steps(tmp_path):
                  str(tmp_path))
     assert third == [5]
     assert int(resumed.optimizer.iterations.numpy()) == 6
+
+
+def test_the_limit_at_evaluation_stops_at_a_round_boundary(tmp_path):
+    fake = FakeTime()
+    model = tiny_model()
+    # 2 batches of 10 s per round; 55 s allowed. After round 2 (40 s) the next
+    # round would end at 60 s > 55 s, so the run stops at step 4, a round
+    # boundary, not at step 6 inside round 3 as the batch-level limit would.
+    clock = TrainingClock(str(tmp_path), limit_minutes=55 / 60, clock=fake, at_evaluation=True)
+    fit(model, clock, fake, epochs=5)
+    assert clock.stopped_at_step == 4 and clock.budget_reached
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0}
+    # Resumed with 85 s: 40 s spent; rounds end at 60 s and 80 s; a third
+    # would end at 100 s, so it stops at step 8, again a round boundary.
+    clock = TrainingClock(str(tmp_path), limit_minutes=85 / 60, clock=fake, at_evaluation=True)
+    fit(model, clock, fake, epochs=5, initial_epoch=2)
+    assert clock.stopped_at_step == 8
+    assert noted(tmp_path) == {"2": 20.0, "4": 40.0, "6": 60.0, "8": 80.0}
+
+
+def test_without_at_evaluation_the_same_limit_stops_inside_a_round(tmp_path):
+    fake = FakeTime()
+    clock = TrainingClock(str(tmp_path), limit_minutes=55 / 60, clock=fake)
+    fit(tiny_model(), clock, fake, epochs=5)
+    assert clock.stopped_at_step == 6  # 60 s > 55 s after batch 6
