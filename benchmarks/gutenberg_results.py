@@ -269,6 +269,8 @@ def collect(runs_root, names, throughput=None):
         "present": list(runs), "missing": missing, "runs": runs,
         "ablation": ablation_runs, "seeds": {b: _seed_summary(g) for b, g in seeds.items()},
         "throughput_file": throughput if bench else None,
+        # The budget of the experts figure (a str key of `budgets`), None when none is common.
+        "experts_figure_budget": largest_common_budget(list(runs.values())),
     }
 
 
@@ -384,7 +386,7 @@ def markdown(data):
     out.append("\n### 3. Balancing ablation (Table 6)\n")
     rows = []
     for r in data["ablation"]:
-        budget = _largest_common([r for r in data["ablation"]])
+        budget = largest_common_budget([r for r in data["ablation"]])
         for layer, stats in (r["routing"] or {DASH: {}}).items():
             rows.append([r["label"], _number(r["importance_weight"], 2),
                          _number(r["load_weight"], 2),
@@ -393,7 +395,7 @@ def markdown(data):
                          millions(stats.get("tokens")),
                          *(_number(stats.get(s), 3) for s in ROUTING)])
     if rows:
-        budget = _largest_common(data["ablation"])
+        budget = largest_common_budget(data["ablation"])
         out.append(_table(["model", "w_importance", "w_load",
                            f"val ppl at {millions(budget and int(budget))}", "whole valid",
                            "layer", "at tokens", "CV(importance)", "CV(load)", "max/mean load"],
@@ -429,7 +431,7 @@ def markdown(data):
     return "\n".join(out)
 
 
-def _largest_common(records):
+def largest_common_budget(records):
     """The largest budget (as a string key) every record reached, or None."""
     common = [b for b in map(str, BUDGETS)
               if records and all(r["budgets"][b]["perplexity"] is not None for r in records)]
@@ -478,7 +480,7 @@ def plot(data, images):
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    budget = _largest_common(runs)
+    budget = data["experts_figure_budget"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if budget:
         value = {r["name"]: r["budgets"][budget]["perplexity"] for r in runs}
