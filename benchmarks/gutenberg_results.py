@@ -234,6 +234,9 @@ def collect(runs_root, names, throughput=None):
         raise FileNotFoundError(f"--runs {runs_root!r} is not a directory")
     runs, missing = {}, []
     for name in names:
+        if not os.path.isdir(os.path.join(runs_root, name)) and os.path.isdir(
+                os.path.join(runs_root, f"gutenberg-{name}")):
+            name = f"gutenberg-{name}"  # --names dense moe-16 ...
         record = read_run(runs_root, name)
         if record is None:
             missing.append(name)
@@ -289,10 +292,14 @@ def _seed_summary(group):
     common = [b for b in map(str, BUDGETS)
               if all(r["budgets"][b]["perplexity"] is not None for r in group)]
     out = {"runs": [r["name"] for r in group], "seeds": [r["seed"] for r in group]}
+    wholes = [r["whole_valid"] for r in group]
+    same_tokens = None not in wholes and all(
+        w["tokens"] and abs(w["tokens"] - wholes[0]["tokens"]) <= TOLERANCE * w["tokens"]
+        for w in wholes)
     for key, values in (
         ("budget", [r["budgets"][common[-1]]["perplexity"] for r in group] if common else None),
-        ("whole_valid", [r["whole_valid"]["perplexity"] if r["whole_valid"] else None
-                         for r in group]),
+        # Whole-valid figures only when every seed was evaluated at the same tokens.
+        ("whole_valid", [w["perplexity"] for w in wholes] if same_tokens else None),
     ):
         if values and None not in values:
             mean = sum(values) / len(values)
@@ -505,8 +512,11 @@ def plot(data, images):
     ax.set_xlabel("number of experts")
     ax.set_ylabel("validation perplexity per word")
     at = f"at {millions(int(budget))} training tokens" if budget else "no common budget"
+    guessed = [r["label"] for r in runs
+               if budget and r["budgets"][budget]["how"] == "interpolated"]
+    notes = "; ".join(filter(None, [note, guessed and "interpolated: " + ", ".join(guessed)]))
     ax.set_title(f"Gutenberg: perplexity by number of experts, {at}"
-                 + (f"\n({note})" if note else ""), fontsize=10)
+                 + (f"\n({notes})" if notes else ""), fontsize=10)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
