@@ -142,6 +142,9 @@ def build_parser():
     evaluate.add_argument("--format", default=None, help="corpus format (default: the run's)")
     evaluate.add_argument("--k", type=int, default=None,
                           help="evaluate at k experts per position (default: the trained k)")
+    evaluate.add_argument("--out", default=None, metavar="FILE",
+                          help="also write the JSON to FILE (e.g. runs/RUN/wikipedia.json, which "
+                          "benchmarks/gutenberg_results.py reads)")
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
 
     _add_translate_parser(sub)
@@ -385,7 +388,11 @@ def run_lm(args):
         summary.update({"valid": results["valid"]} if "valid" in results else results)
         print(json.dumps(summary, indent=2))
     elif args.lm_command == "evaluate":
-        print(json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format, args.k), indent=2))
+        text = json.dumps(lm_train.evaluate(args.run_dir, args.data, args.format, args.k), indent=2)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        print(text)
     else:
         from keras_moe.models import presets
 

@@ -1,0 +1,564 @@
+"""The one-pass Gutenberg experiment's tables, figures and numbers, read from its run directories.
+
+Issue 26 publishes validation perplexity by training tokens for the
+compute-matched models (dense, MoE-16, MoE-64, MoE-256, MoE-1024-h) and
+the floor (`gutenberg-2xlstm`, no middle block). This script reads what
+every run directory `RUNS/<name>` already holds and prints the page's
+tables as Markdown:
+
+1. models by tokens: validation perplexity (the 200k-word slice,
+   `history.csv`'s `val_perplexity` against its `tokens` column) at 5M,
+   15M, 30M and 60M training tokens and on the whole valid file at the end
+   (`results.json`), each with its signed gap to dense (`+2.0%`: 2% higher
+   perplexity than dense, worse). A run that evaluated at the budget gives
+   its value; one whose evaluations straddle it (a run continued from a
+   time limit evaluates every `steps_per_eval` steps from where it stopped)
+   gives the value interpolated between the two, marked `~` (log perplexity
+   linear in log tokens); otherwise `—`. A run still short of its
+   `train.max_tokens` is partial: its row says up to which tokens it got,
+   and its whole-valid figure is the one its last sitting wrote
+   (`results-step-N.json`), at the tokens it had then;
+2. wall time (`elapsed.json`: the run's training clock, validation
+   included), training tokens/s of the run and of the idle benchmark
+   (`benchmarks/lm_throughput.py --gutenberg`), and step cost relative to
+   dense in both;
+3. Table 6's ablation: MoE-256 against `gutenberg-moe-256-no-balance`,
+   with CV(importance), CV(load) and max/mean load of the clean
+   (inference-mode) routing of the validation pass, the history columns
+   `val_<layer>_<statistic>` of `pipelines/training/routing_checks.py`;
+4. seeds: every `<name>-seed-N` run beside a run of `--names`, with the
+   mean and the spread (max - min) over the seeds;
+5. out of domain: `RUNS/<name>/wikipedia.json`, written by
+   `keras-moe lm evaluate --run-dir RUNS/<name> --data <wikipedia valid> --out
+   RUNS/<name>/wikipedia.json`.
+
+It draws `gutenberg-ppl-vs-tokens.png` (one line per model) and
+`gutenberg-ppl-vs-experts.png` (perplexity at the largest budget every
+present run reached, against the number of experts; dense and the floor
+as horizontal lines) with matplotlib (the `plots` extra), and writes every
+number as JSON. Runs not there yet are named, in the output and in the
+figures' titles; the script draws what exists.
+
+Usage:
+    python benchmarks/gutenberg_results.py [--runs runs] [--names gutenberg-dense ...]
+        [--throughput benchmarks/results/lm_throughput_gutenberg.json]
+        [--images docs/images] [--json benchmarks/results/gutenberg_results.json]
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_moe.models import presets  # noqa: E402
+from keras_moe.pipelines import compare  # noqa: E402
+from keras_moe.pipelines.training import routing_checks  # noqa: E402
+from keras_moe.pipelines.training.rundir import RunDir  # noqa: E402
+
+NAMES = ("gutenberg-dense", "gutenberg-moe-16", "gutenberg-moe-64", "gutenberg-moe-256",
+         "gutenberg-moe-1024-h", "gutenberg-2xlstm")
+DENSE, FLOOR = "gutenberg-dense", "gutenberg-2xlstm"
+BUDGETS = (5_000_000, 15_000_000, 30_000_000, 60_000_000)
+# The ablation's run (pipelines/configs/lm/gutenberg-moe-256-no-balance.yaml) and its base.
+ABLATION = ("gutenberg-moe-256-no-balance", "gutenberg-moe-256-nobalance")
+ABLATION_BASE = "gutenberg-moe-256"
+SEED_RUN = re.compile(r"^(?P<base>.+)-seed-?(?P<seed>\d+)$")
+# Table 6's statistics, as routing_checks logs them (`val_<layer>_<statistic>`).
+ROUTING = ("cv_importance", "cv_load", "max_mean_load")
+assert set(ROUTING) <= set(routing_checks.LOGGED)
+# A run's evaluation counts as "at" a budget within this relative distance.
+TOLERANCE = 0.005
+DASH = "—"
+
+
+def label(name, preset):
+    """The name a run is shown under: `MoE-256`, `dense, seed 2`, ..."""
+    base = {DENSE: "dense", FLOOR: "floor (no middle block)"}.get(preset)
+    if base is None:
+        base = preset.removeprefix("gutenberg-").replace("moe", "MoE")
+    match = SEED_RUN.match(name)
+    if match:
+        base += f", seed {match['seed']}"
+    if name in ABLATION:
+        base += ", no balancing losses"
+    return base
+
+
+def millions(tokens):
+    return DASH if tokens is None else f"{tokens / 1e6:.1f}M"
+
+
+def at_budget(curve, budget):
+    """`(perplexity, how)` of a `[(tokens, perplexity), ...]` curve at `budget` tokens.
+
+    `how` is `"measured"` (an evaluation within `TOLERANCE` of it),
+    `"interpolated"` (log perplexity linear in log tokens between the two
+    evaluations around it) or None (the curve does not reach it; the
+    value is None then).
+    """
+    near = [(abs(t - budget), p) for t, p in curve if abs(t - budget) <= TOLERANCE * budget]
+    if near:
+        return min(near)[1], "measured"
+    for (t0, p0), (t1, p1) in zip(curve, curve[1:], strict=False):
+        if t0 < budget < t1:
+            w = (math.log(budget) - math.log(t0)) / (math.log(t1) - math.log(t0))
+            return math.exp((1 - w) * math.log(p0) + w * math.log(p1)), "interpolated"
+    return None, None
+
+
+def gap_percent(value, dense):
+    """Signed % by which `value` exceeds dense's perplexity (negative: the model is better)."""
+    if value is None or dense is None:
+        return None
+    return 100.0 * (value / dense - 1.0)
+
+
+def _finished_results(run):
+    """`(results, file)`: results.json, else the newest `results-step-N.json` (a continued run)."""
+    results = run.read_json(run.results_file)
+    if results:
+        return results, os.path.basename(run.results_file)
+    kept = glob.glob(run.join("results-step-*.json"))
+    steps = {int(m[1]): p for p in kept if (m := re.search(r"results-step-(\d+)\.json$", p))}
+    if not steps:
+        return {}, None
+    path = steps[max(steps)]
+    return run.read_json(path) or {}, os.path.basename(path)
+
+
+def _model_arguments(config):
+    """The run's model arguments: its preset's, with the config's overrides."""
+    preset = config.get("model.preset")
+    arguments = dict(presets.get_preset(preset)) if preset in presets.preset_names() else {}
+    for key in ("num_experts", "num_groups", "k", "importance_weight", "load_weight"):
+        if config.get(f"model.{key}") is not None:
+            arguments[key] = config[f"model.{key}"]
+    return presets.REGISTRY.resolve(arguments) if arguments else {}
+
+
+def read_run(runs_root, name):
+    """Everything the tables need from `runs_root/name`, or None when it has no evaluation yet."""
+    path = os.path.join(runs_root, name)
+    run = RunDir(path)
+    if not os.path.exists(run.history_file):
+        return None
+    record = compare.read_run(f"{name}={path}")
+    config, rows = record.config, record.evaluations
+    per_step = (config.get("data.batch_size") or 0) * (config.get("data.seq_len") or 0)
+    for row in rows:
+        if row.get("tokens") is None and per_step:
+            row["tokens"] = float(row["step"] * per_step)
+    # By tokens; a row logged again after a resume replaces the earlier one.
+    curve = sorted({row["tokens"]: row["val_perplexity"] for row in rows
+                    if row.get("tokens") is not None
+                    and row.get("val_perplexity") is not None}.items())
+    last = rows[-1] if rows else {}
+    tokens_seen = last.get("tokens")
+    if per_step == 0 and tokens_seen and last.get("step"):
+        per_step = tokens_seen / last["step"]
+    target = config.get("train.max_tokens") or (config.get("train.steps") or 0) * per_step or None
+    partial = target is not None and (tokens_seen or 0) < target * (1 - TOLERANCE)
+
+    results, results_file = _finished_results(run)
+    valid = results.get("valid") or {}
+    whole = None
+    if valid.get("perplexity") is not None:
+        steps = results.get("steps")
+        whole = {"perplexity": float(valid["perplexity"]), "steps": steps,
+                 "tokens": steps * per_step if steps and per_step else None,
+                 "file": results_file, "words": valid.get("words")}
+
+    elapsed = {int(k): float(v) for k, v in (run.read_json(run.elapsed_file) or {}).items()}
+    wall = None
+    if elapsed:
+        step = max(elapsed)
+        seconds = elapsed[step]
+        tokens = step * per_step if per_step else tokens_seen
+        wall = {"steps": step, "seconds": seconds, "tokens": tokens,
+                "seconds_per_step": seconds / step if step else None,
+                "tokens_per_second": tokens / seconds if tokens and seconds else None}
+
+    arguments = _model_arguments(config)
+    moe = "moe" in arguments.get("blocks", ())
+    costs = results.get("costs") or (presets.costs(arguments) if arguments else {})
+    wikipedia = run.read_json(run.join("wikipedia.json"))
+    return {
+        "name": name, "run_dir": path, "preset": config.get("model.preset"),
+        "label": label(name, config.get("model.preset") or name),
+        "seed": config.get("train.seed"),
+        "experts": arguments.get("num_experts") if moe else 0,
+        "hierarchical": bool(moe and arguments.get("num_groups")),
+        "importance_weight": arguments.get("importance_weight") if moe else None,
+        "load_weight": arguments.get("load_weight") if moe else None,
+        "ops_per_timestep": costs.get("ops_per_timestep"),
+        "params": costs.get("params"),
+        "tokens_seen": tokens_seen, "target_tokens": target, "partial": partial,
+        "curve": [{"tokens": t, "val_perplexity": p} for t, p in curve],
+        "budgets": {str(b): dict(zip(("perplexity", "how"), at_budget(curve, b),
+                                     strict=True)) for b in BUDGETS},
+        "whole_valid": whole,
+        "wall": wall,
+        "routing": _routing(rows),
+        "wikipedia": None if not wikipedia else {
+            "perplexity": wikipedia.get("perplexity"), "words": wikipedia.get("words"),
+            "data": wikipedia.get("data"), "model": wikipedia.get("model")},
+    }
+
+
+def _routing(rows):
+    """`{layer: {tokens, cv_importance, ...}}` from the last evaluation that logged each layer."""
+    suffix = re.compile(r"^val_(?P<layer>.+)_(?P<stat>" + "|".join(ROUTING) + r")$")
+    out = {}
+    for row in rows:
+        for column, value in row.items():
+            match = suffix.match(column)
+            if match and value is not None:
+                entry = out.setdefault(match["layer"], {})
+                if entry.get("_row") is not row:
+                    entry.clear()
+                    entry.update({"_row": row, "tokens": row.get("tokens")})
+                entry[match["stat"]] = value
+    for entry in out.values():
+        entry.pop("_row")
+    return out
+
+
+def collect(runs_root, names, throughput=None):
+    """The experiment's numbers: runs, gaps, ablation, seeds, what is missing."""
+    if not os.path.isdir(runs_root):
+        raise FileNotFoundError(f"--runs {runs_root!r} is not a directory")
+    runs, missing = {}, []
+    for name in names:
+        if not os.path.isdir(os.path.join(runs_root, name)) and os.path.isdir(
+                os.path.join(runs_root, f"gutenberg-{name}")):
+            name = f"gutenberg-{name}"  # --names dense moe-16 ...
+        record = read_run(runs_root, name)
+        if record is None:
+            missing.append(name)
+        else:
+            runs[name] = record
+    dense = runs.get(DENSE)
+    for record in runs.values():
+        record["gaps"] = {b: gap_percent(record["budgets"][b]["perplexity"],
+                                         dense and dense["budgets"][b]["perplexity"])
+                          for b in map(str, BUDGETS)}
+        record["gaps"]["whole_valid"] = _whole_gap(record, dense)
+    bench = {}
+    if throughput and os.path.exists(throughput):
+        with open(throughput, encoding="utf-8") as f:
+            bench = {row["preset"]: row for row in json.load(f).get("rows", [])}
+    base_step = dense and dense["wall"] and dense["wall"]["seconds_per_step"]
+    for record in runs.values():
+        row = bench.get(record["preset"], {})
+        record["benchmark"] = {key: row.get(key) for key in
+                               ("tokens_per_second", "step_seconds", "step_ratio_to_dense")}
+        per_step = record["wall"] and record["wall"]["seconds_per_step"]
+        record["step_ratio_to_dense"] = per_step / base_step if per_step and base_step else None
+    ablation = [n for n in ABLATION if os.path.isdir(os.path.join(runs_root, n))]
+    ablation_runs = [r for r in (runs.get(ABLATION_BASE),
+                                 ablation and read_run(runs_root, ablation[0])) if r]
+    seeds = {}
+    for name in sorted(os.listdir(runs_root)):
+        match = SEED_RUN.match(name)
+        if match and match["base"] in runs and (record := read_run(runs_root, name)):
+            seeds.setdefault(match["base"], [runs[match["base"]]]).append(record)
+    return {
+        "runs_root": runs_root, "budgets": list(BUDGETS), "names": list(names),
+        "present": list(runs), "missing": missing, "runs": runs,
+        "ablation": ablation_runs, "seeds": {b: _seed_summary(g) for b, g in seeds.items()},
+        "throughput_file": throughput if bench else None,
+        # The budget of the experts figure (a str key of `budgets`), None when none is common.
+        "experts_figure_budget": largest_common_budget(list(runs.values())),
+    }
+
+
+def _whole_gap(record, dense):
+    """Gap on the whole valid file, only when dense was evaluated there at the same tokens."""
+    mine, theirs = record["whole_valid"], dense and dense["whole_valid"]
+    if not mine or not theirs or not mine["tokens"] or not theirs["tokens"]:
+        return None
+    if abs(mine["tokens"] - theirs["tokens"]) > TOLERANCE * theirs["tokens"]:
+        return None
+    return gap_percent(mine["perplexity"], theirs["perplexity"])
+
+
+def _seed_summary(group):
+    """Mean and spread over seeds at the largest budget all reached, and on the whole valid."""
+    common = [b for b in map(str, BUDGETS)
+              if all(r["budgets"][b]["perplexity"] is not None for r in group)]
+    out = {"runs": [r["name"] for r in group], "seeds": [r["seed"] for r in group]}
+    wholes = [r["whole_valid"] for r in group]
+    same_tokens = None not in wholes and all(
+        w["tokens"] and abs(w["tokens"] - wholes[0]["tokens"]) <= TOLERANCE * w["tokens"]
+        for w in wholes)
+    for key, values in (
+        ("budget", [r["budgets"][common[-1]]["perplexity"] for r in group] if common else None),
+        # Whole-valid figures only when every seed was evaluated at the same tokens.
+        ("whole_valid", [w["perplexity"] for w in wholes] if same_tokens else None),
+    ):
+        if values and None not in values:
+            mean = sum(values) / len(values)
+            out[key] = {"values": values, "mean": mean, "spread": max(values) - min(values),
+                        "spread_percent": 100.0 * (max(values) - min(values)) / mean}
+        else:
+            out[key] = None
+    out["budget_tokens"] = int(common[-1]) if common else None
+    return out
+
+
+def _ppl(value, how=None):
+    if value is None:
+        return DASH
+    return ("~" if how == "interpolated" else "") + f"{value:,.1f}"
+
+
+def _gap(value):
+    return "" if value is None else f" ({value:+.1f}%)"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def _minutes(seconds):
+    if seconds is None:
+        return DASH
+    hours, minutes = divmod(round(seconds / 60.0), 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
+def _number(value, digits=0, suffix=""):
+    return DASH if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+def markdown(data):
+    """The five tables and the notes under them, as Markdown."""
+    runs, out = list(data["runs"].values()), []
+    rows = []
+    for r in runs:
+        cells = []
+        for b in map(str, BUDGETS):
+            at = r["budgets"][b]
+            cells.append(_ppl(at["perplexity"], at["how"])
+                         + ("" if r["name"] == DENSE else _gap(r["gaps"][b])))
+        whole = r["whole_valid"]
+        cell = DASH
+        if whole:
+            cell = _ppl(whole["perplexity"]) + ("" if r["name"] == DENSE
+                                                else _gap(r["gaps"]["whole_valid"]))
+            if r["partial"]:
+                cell += f" at {millions(whole['tokens'])}"
+        seen = millions(r["tokens_seen"])
+        if r["partial"]:
+            seen += f" of {millions(r['target_tokens'])} (partial)"
+        rows.append([r["label"], r["experts"], _number(r["ops_per_timestep"]), seen,
+                     *cells, cell])
+    out.append("### 1. Validation perplexity by training tokens (gap to dense)\n")
+    out.append(_table(["model", "experts", "ops/timestep", "tokens seen",
+                       *(f"{b // 1_000_000}M" for b in BUDGETS), "whole valid"], rows))
+    out.append("\nPer-word perplexity on the first 200k words of valid at each budget, and on the "
+               "whole valid file (1.96M words) at the end. Gap: the model's perplexity over "
+               "dense's at the same budget, signed (negative: better than dense). `~`: "
+               f"interpolated between the evaluations around the budget; {DASH}: not reached.")
+    for name in data["missing"]:
+        out.append(f"- {name}: not run yet (no history.csv under {data['runs_root']}).")
+    for r in runs:
+        if r["partial"]:
+            whole = r["whole_valid"]
+            note = (f"; whole valid from {whole['file']} at step {whole['steps']:,}"
+                    if whole else "")
+            out.append(f"- {r['label']}: partial, {millions(r['tokens_seen'])} of "
+                       f"{millions(r['target_tokens'])} tokens{note}.")
+
+    out.append("\n### 2. Wall time and throughput\n")
+    rows = [[r["label"], _minutes(r["wall"] and r["wall"]["seconds"]),
+             millions(r["wall"] and r["wall"]["tokens"]),
+             _number(r["wall"] and r["wall"]["tokens_per_second"]),
+             _number(r["benchmark"]["tokens_per_second"]),
+             _number(r["step_ratio_to_dense"], 2), _number(r["benchmark"]["step_ratio_to_dense"], 2)]
+            for r in runs]
+    out.append(_table(["model", "wall time", "tokens", "tokens/s (run)", "tokens/s (idle bench)",
+                       "step vs dense (run)", "step vs dense (idle bench)"], rows))
+    out.append("\nRun: training clock (`elapsed.json`, validation included) at the last "
+               "evaluation. Idle bench: " + (data["throughput_file"] or "no throughput JSON")
+               + " (`benchmarks/lm_throughput.py --gutenberg`).")
+
+    out.append("\n### 3. Balancing ablation (Table 6)\n")
+    rows = []
+    for r in data["ablation"]:
+        budget = largest_common_budget([r for r in data["ablation"]])
+        for layer, stats in (r["routing"] or {DASH: {}}).items():
+            rows.append([r["label"], _number(r["importance_weight"], 2),
+                         _number(r["load_weight"], 2),
+                         _ppl(budget and r["budgets"][budget]["perplexity"]),
+                         _ppl(r["whole_valid"] and r["whole_valid"]["perplexity"]), layer,
+                         millions(stats.get("tokens")),
+                         *(_number(stats.get(s), 3) for s in ROUTING)])
+    if rows:
+        budget = largest_common_budget(data["ablation"])
+        out.append(_table(["model", "w_importance", "w_load",
+                           f"val ppl at {millions(budget and int(budget))}", "whole valid",
+                           "layer", "at tokens", "CV(importance)", "CV(load)", "max/mean load"],
+                          rows))
+        out.append("\nRouting of the validation pass (clean, inference mode): history.csv's "
+                   "`val_<layer>_cv_importance`, `_cv_load`, `_max_mean_load`.")
+    else:
+        out.append(f"No run yet ({ABLATION_BASE}, {ABLATION[0]}).")
+
+    out.append("\n### 4. Seeds\n")
+    rows = []
+    for base, s in data["seeds"].items():
+        for what, key in ((f"val at {millions(s['budget_tokens'])}", "budget"),
+                          ("whole valid", "whole_valid")):
+            if s[key]:
+                rows.append([data["runs"][base]["label"], ", ".join(map(str, s["seeds"])), what,
+                             ", ".join(_ppl(v) for v in s[key]["values"]), _ppl(s[key]["mean"]),
+                             f"{s[key]['spread']:,.1f} ({s[key]['spread_percent']:.1f}%)"])
+    out.append(_table(["model", "seeds", "perplexity", "per seed", "mean", "spread (max - min)"],
+                      rows) if rows else "No second-seed run yet (`<run>-seed-2`).")
+
+    out.append("\n### 5. Out of domain: Wikipedia valid\n")
+    dense = data["runs"].get(DENSE)
+    base = dense and dense["wikipedia"] and dense["wikipedia"]["perplexity"]
+    rows = [[r["label"], _ppl(r["wikipedia"]["perplexity"])
+             + ("" if r["name"] == DENSE else _gap(gap_percent(r["wikipedia"]["perplexity"], base))),
+             _ppl(r["whole_valid"] and r["whole_valid"]["perplexity"]),
+             _number(r["wikipedia"]["words"])]
+            for r in runs if r["wikipedia"] and r["wikipedia"]["perplexity"] is not None]
+    out.append(_table(["model", "Wikipedia ppl (gap)", "Gutenberg whole valid", "words"], rows)
+               if rows else "No wikipedia.json yet (`keras-moe lm evaluate ... --out "
+               "RUN/wikipedia.json`).")
+    return "\n".join(out)
+
+
+def largest_common_budget(records):
+    """The largest budget (as a string key) every record reached, or None."""
+    common = [b for b in map(str, BUDGETS)
+              if records and all(r["budgets"][b]["perplexity"] is not None for r in records)]
+    return common[-1] if common else None
+
+
+def _presence_note(data):
+    if not data["missing"] and not any(r["partial"] for r in data["runs"].values()):
+        return ""
+    note = f"{len(data['runs'])} of {len(data['names'])} runs present"
+    partial = [r["label"] for r in data["runs"].values() if r["partial"]]
+    if partial:
+        note += "; partial: " + ", ".join(partial)
+    return note
+
+
+def plot(data, images):
+    """Writes the two PNGs into `images`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(images, exist_ok=True)
+    note = _presence_note(data)
+    runs = list(data["runs"].values())
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs = [p["tokens"] / 1e6 for p in r["curve"]]
+        ys = [p["val_perplexity"] for p in r["curve"]]
+        text = r["label"] + (f" (to {millions(r['tokens_seen'])})" if r["partial"] else "")
+        ax.plot(xs, ys, marker="o", markersize=3, label=text,
+                linestyle="--" if r["name"] == FLOOR else "-")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation perplexity per word (log scale)")
+    ax.set_title("Gutenberg, one pass: validation perplexity by tokens seen"
+                 + (f"\n({note})" if note else ""), fontsize=10)
+    if runs:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    paths.append(os.path.join(images, "gutenberg-ppl-vs-tokens.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    budget = data["experts_figure_budget"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if budget:
+        value = {r["name"]: r["budgets"][budget]["perplexity"] for r in runs}
+        flat = sorted((r["experts"], value[r["name"]]) for r in runs
+                      if r["experts"] and not r["hierarchical"])
+        if flat:
+            ax.plot(*zip(*flat, strict=True), marker="o", label="MoE, flat (k=4)")
+        for r in runs:
+            if r["hierarchical"]:
+                ax.plot([r["experts"]], [value[r["name"]]], marker="s", linestyle="none",
+                        label=f"{r['label']} (hierarchical)")
+        for name, style in ((DENSE, "-"), (FLOOR, ":")):
+            if name in value:
+                ax.axhline(value[name], color="gray" if name == DENSE else "black",
+                           linestyle=style, label=data["runs"][name]["label"])
+    else:
+        ax.text(0.5, 0.5, "no budget reached by every run", ha="center",
+                transform=ax.transAxes)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(8, 2048)
+    ax.set_xticks([16, 64, 256, 1024], ["16", "64", "256", "1024"])
+    ax.set_xlabel("number of experts")
+    ax.set_ylabel("validation perplexity per word")
+    at = f"at {millions(int(budget))} training tokens" if budget else "no common budget"
+    guessed = [r["label"] for r in runs
+               if budget and r["budgets"][budget]["how"] == "interpolated"]
+    notes = "; ".join(filter(None, [note, guessed and "interpolated: " + ", ".join(guessed)]))
+    ax.set_title(f"Gutenberg: perplexity by number of experts, {at}"
+                 + (f"\n({notes})" if notes else ""), fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    paths.append(os.path.join(images, "gutenberg-ppl-vs-experts.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--runs", default="runs", help="directory holding the run directories")
+    parser.add_argument("--names", nargs="+", default=list(NAMES),
+                        help="run directory names, in table order")
+    parser.add_argument("--throughput",
+                        default=os.path.join("benchmarks", "results",
+                                             "lm_throughput_gutenberg.json"))
+    parser.add_argument("--images", default=os.path.join("docs", "images"))
+    parser.add_argument("--json", default=os.path.join("benchmarks", "results",
+                                                       "gutenberg_results.json"))
+    args = parser.parse_args(argv)
+    try:
+        data = collect(args.runs, args.names, args.throughput)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"gutenberg_results: {error}", file=sys.stderr)
+        return 2
+    print(markdown(data))
+    try:
+        data["figures"] = plot(data, args.images)
+    except ImportError:
+        data["figures"] = []
+        print("\nNo figures: matplotlib is missing (pip install 'keras-moe[plots]').")
+    for path in data["figures"]:
+        print(f"\nwrote {path}")
+    if os.path.dirname(args.json):
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
