@@ -193,3 +193,11 @@ def test_cli_trains_a_pooled_lm_selects_half_its_experts_and_evaluates_at_k_1(tm
     assert main(["lm", "evaluate", "--run-dir", str(subset), "--data", valid, "--k", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["k"] == 1 and np.isfinite(evaluated["perplexity"])
+
+
+def test_docstring_examples():
+    import doctest
+
+    from keras_moe.pipelines.training import config as training_config
+
+    assert doctest.testmod(training_config).failed == 0
