@@ -193,6 +193,10 @@ def test_cli_trains_a_pooled_lm_selects_half_its_experts_and_evaluates_at_k_1(tm
     assert main(["lm", "evaluate", "--run-dir", str(subset), "--data", valid, "--k", "1"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["k"] == 1 and np.isfinite(evaluated["perplexity"])
+    # A k' above the (clamped) pool: exit 2, one line naming both.
+    assert main(["lm", "evaluate", "--run-dir", str(subset), "--data", valid, "--k", "4"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "pool_size=3). Received: k=4" in error and len(error.splitlines()) == 1
 
 
 def test_docstring_examples():
