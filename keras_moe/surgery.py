@@ -153,10 +153,7 @@ def _new_values(layer, groups, counts=None, mode="busier", gate="busier"):
 
 def _check_k(config, n, where):
     """`config` (a dict holding `num_experts`) with `num_experts = n` and a valid `k`."""
-    config = dict(config, num_experts=n)
-    # A document pool cannot be larger than the experts there are.
-    if isinstance(config.get("pool_size"), int) and config["pool_size"] > n:
-        config["pool_size"] = n
+    config = clamp_pools(dict(config, num_experts=n), n)
     if config.get("gating") == "softmax":
         config["k"] = n  # a dense mixture uses every expert it has
     elif "k" in config and config["k"] is not None and config["k"] > n:
@@ -164,6 +161,31 @@ def _check_k(config, n, where):
             f"{where} routes each token to k={config['k']} experts but only {n} are kept; "
             f"keep at least {config['k']} experts"
         )
+    return config
+
+
+def clamp_pools(config, n):
+    """`config` (a layer's or a model's) with its document pools fitted to `n` experts.
+
+    A pool cannot hold more experts than there are: `pool_size` becomes
+    `min(pool_size, n)` and `pool_size_range = (low, high)` becomes
+    `(min(low, n), min(high, n))`. Routing is unchanged by it wherever the
+    old pools already held every kept expert (a pool of all `n` experts
+    is no constraint). A range stays a list or a tuple as given.
+
+    Example:
+
+    >>> clamp_pools({"pool_size": 32, "pool_size_range": [8, 32]}, 16)
+    {'pool_size': 16, 'pool_size_range': [8, 16]}
+    >>> clamp_pools({"pool_size": 32, "pool_size_range": (8, 32)}, 4)
+    {'pool_size': 4, 'pool_size_range': (4, 4)}
+    """
+    config = dict(config)
+    if isinstance(config.get("pool_size"), int):
+        config["pool_size"] = min(config["pool_size"], n)
+    span = config.get("pool_size_range")
+    if isinstance(span, (list, tuple)) and len(span) == 2:
+        config["pool_size_range"] = type(span)(min(int(v), n) for v in span)
     return config
 
 
@@ -488,7 +510,8 @@ def weight_bytes(model):
 
 
 __all__ = [
-        "per_expert_variables",
+    "clamp_pools",
+    "per_expert_variables",
     "prune_keep",
     "prune_layer",
     "prune_model",

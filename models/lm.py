@@ -74,6 +74,16 @@ class LanguageModel(keras.Model):
             see `keras_moe.FeedForwardExperts`) and, so that the
             compute-matched baseline is regularised alike, of every `"ffn"`
             block.
+        pool_size: None (default: no pools), or an int: document pools
+            (EMO; see `keras_moe.pools`) in every MoE block, with each batch
+            row one document (`pool_by="row"`): the row's tokens route
+            within its top `pool_size` experts (groups, for a hierarchical
+            MoE), the pool size of inference calls. `k <= pool_size <=
+            num_experts` (`num_groups`).
+        pool_size_range: None, or `(low, high)`: the pool size drawn
+            uniformly from `[low, high]` at each training call (EMO's
+            varying pool size), `k <= low <= high <= num_experts`; needs
+            `pool_size`.
         num_sampled: 0 for a full softmax in training, else the number of
             sampled negative words.
         unroll: bool, unroll the LSTMs (faster on CPU for short windows).
@@ -131,6 +141,8 @@ class LanguageModel(keras.Model):
         moe_activation="sigmoid",
         moe_output_scale=1.0,
         expert_dropout=0.0,
+        pool_size=None,
+        pool_size_range=None,
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -195,6 +207,18 @@ class LanguageModel(keras.Model):
             )
         self.expert_parallel = expert_parallel
         self.seed = seed
+        if pool_size_range is not None and not isinstance(pool_size_range, (list, tuple)):
+            raise ValueError(
+                "`pool_size_range` must be a pair (low, high) or None. "
+                f"Received: pool_size_range={pool_size_range!r}"
+            )
+        if pool_size is not None and "moe" not in blocks:
+            raise ValueError(
+                f"`pool_size` needs an 'moe' block; blocks={list(blocks)!r} have none. "
+                f"Received: pool_size={pool_size!r}"
+            )
+        self.pool_size = pool_size
+        self.pool_size_range = None if pool_size_range is None else tuple(pool_size_range)
 
         self.embedding = keras.layers.Embedding(
             vocab_size, model_dim, mask_zero=True, name="embedding"
@@ -246,7 +270,8 @@ class LanguageModel(keras.Model):
             importance_weight=self.importance_weight, load_weight=self.load_weight,
             capacity_factor=self.capacity_factor, expert_hidden_layers=self.expert_hidden_layers,
             expert_parallel=self.expert_parallel, seed=seed,
-            expert_dropout=self.expert_dropout,
+            expert_dropout=self.expert_dropout, pool_size=self.pool_size,
+            pool_size_range=self.pool_size_range, pool_by="row",
         )
 
     def build(self, input_shape=(None, None)):
@@ -340,6 +365,9 @@ class LanguageModel(keras.Model):
             "moe_activation": self.moe_activation,
             "moe_output_scale": self.moe_output_scale,
             "expert_dropout": self.expert_dropout,
+            "pool_size": self.pool_size,
+            "pool_size_range": (None if self.pool_size_range is None
+                                else list(self.pool_size_range)),
             "num_sampled": self.num_sampled,
             "unroll": self.unroll,
             "expert_parallel": self.expert_parallel,

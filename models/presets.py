@@ -118,7 +118,9 @@ def build_language_model(preset, vocab_size, **overrides):
         preset: a preset name (see `preset_names()`).
         vocab_size: int, including padding id 0 and `<eos>`.
         **overrides: `LanguageModel` keyword arguments that replace the
-            preset's (e.g. `num_sampled=8192`, `seed=1`).
+            preset's (e.g. `num_sampled=8192`, `seed=1`; `pool_size=32,
+            pool_size_range=(8, 32)` gives the MoE block document pools,
+            one document per batch row: `keras_moe.pools`).
 
     Returns:
         An unbuilt `keras_moe.models.lm.LanguageModel`.

@@ -145,7 +145,8 @@ def save_run(run, model, out):
     """Write `out` as a run directory of `model`: config.yaml, the vocabulary, model.keras.
 
     The configuration is the run's with `model.num_experts` set to the new
-    model's, so the pipelines' `evaluate`, `run` and `export` read `out`
+    model's (and `model.pool_size`, `model.pool_size_range` clamped to it),
+    so the pipelines' `evaluate`, `run` and `export` read `out`
     as any finished run.
 
     Raises:
@@ -155,8 +156,14 @@ def save_run(run, model, out):
     target = RunDir(out)
     target.makedirs()
     experts = find_moe_layers(model)[0].num_experts
+    # Document pools larger than the experts left shrink to them, as the
+    # model's own (`surgery.clamp_pools`).
+    pools = surgery.clamp_pools(
+        {key: getattr(run.config.model, key, None) for key in ("pool_size", "pool_size_range")},
+        experts)
+    pools = {key: value for key, value in pools.items() if hasattr(run.config.model, key)}
     config = dataclasses.replace(
-        run.config, model=dataclasses.replace(run.config.model, num_experts=experts))
+        run.config, model=dataclasses.replace(run.config.model, num_experts=experts, **pools))
     config_lib.save_config(config, target.config_file)
     target.save_vocabulary(run.vocab)
     model.save(target.model_file)

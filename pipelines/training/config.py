@@ -16,6 +16,7 @@ the same in both pipelines and live here once:
 """
 
 import dataclasses
+import typing
 
 from keras_moe.pipelines.config import PresetOverrides, check_positive
 
@@ -149,3 +150,75 @@ class MoEModelConfig(PresetOverrides):
     moe_activation: str | None = None
     moe_output_scale: float | None = None
     expert_dropout: float | None = None
+    # Document pools (EMO; `keras_moe.pools`): each batch row is one document
+    # whose tokens route within its top `pool_size` experts. `pool_size_range`
+    # [low, high] draws the pool size per training step; `pool_size` is the
+    # pool size at inference. None: no pools. Language models only.
+    pool_size: int | None = None
+    pool_size_range: list[int] | None = None
+
+    # Whether the model family takes the pool keys (a subclass sets False).
+    supports_pools: typing.ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_pool_keys(self.pool_size, self.pool_size_range, self.supports_pools,
+                        self.num_experts, self.k, self.num_groups)
+
+
+def check_pool_keys(pool_size, pool_size_range, supported=True, num_experts=None, k=None,
+                    num_groups=None):
+    """ValueError naming the key unless `model.pool_size` / `model.pool_size_range` are valid.
+
+    What the configuration alone can tell: the types, `1 <= low <= high`,
+    a range only with a `pool_size`, and, where the section sets them,
+    `k <= pool_size` and the sizes at most `num_experts` (`num_groups` for
+    a hierarchical MoE, whose pools are made of groups). The model's
+    constructor checks the same against the preset's values before any
+    file is written (`guards.check_model_arguments`).
+
+    Example:
+
+    >>> check_pool_keys(32, [8, 32], num_experts=64, k=4)
+    >>> check_pool_keys(32, [32, 8])
+    Traceback (most recent call last):
+    ...
+    ValueError: `pool_size_range` must be two integers [low, high] with 1 <= low <= high. Received: pool_size_range=[32, 8]
+    """
+    if pool_size is None and pool_size_range is None:
+        return
+    if not supported:
+        raise ValueError(
+            "document pools (`pool_size`, `pool_size_range`) are for the language models "
+            "(`keras-moe lm train`) only: a translation decoder decodes one position at a "
+            "time, where a pool per row would see only the prefix. "
+            f"Received: pool_size={pool_size!r}, pool_size_range={pool_size_range!r}"
+        )
+    if pool_size is None:
+        raise ValueError(
+            "`pool_size_range` needs `pool_size` (the pool size at inference, e.g. the top of "
+            f"the range). Received: pool_size=None, pool_size_range={pool_size_range!r}"
+        )
+    check_positive("pool_size", pool_size)
+    if pool_size_range is not None:
+        low_high = list(pool_size_range)
+        if len(low_high) != 2 or not 1 <= low_high[0] <= low_high[1]:
+            raise ValueError(
+                "`pool_size_range` must be two integers [low, high] with 1 <= low <= high. "
+                f"Received: pool_size_range={low_high!r}"
+            )
+    units, name = (num_groups, "num_groups") if num_groups else (num_experts, "num_experts")
+    sizes = [("pool_size", pool_size)]
+    if pool_size_range is not None:
+        sizes.append(("pool_size_range", list(pool_size_range)))
+    for key, value in sizes:
+        low, high = (value, value) if isinstance(value, int) else value
+        if k is not None and low < k:
+            raise ValueError(
+                f"`{key}` must be at least k={k} (each token routes to k experts of its pool). "
+                f"Received: {key}={value!r}"
+            )
+        if units and high > units:
+            raise ValueError(
+                f"`{key}` must be at most {name}={units} (a pool is made of the layer's "
+                f"{'groups' if num_groups else 'experts'}). Received: {key}={value!r}"
+            )

@@ -136,6 +136,8 @@ class ModelConfig(training_config.MoEModelConfig):
     preset's value.
     """
 
+    # Document pools are refused here (see `check_pool_keys`).
+    supports_pools = False
     preset: str = "cpu-gnmt-moe-16"
     lstm_units: int | None = None
     lstm_projection: int | None = None
