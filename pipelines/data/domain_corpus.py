@@ -47,6 +47,7 @@ import glob
 import json
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -59,6 +60,16 @@ DEFAULT_TRAIN_WORDS = {"gutenberg": 2_000_000, "wikipedia": 2_000_000}
 LOCALE_ROOTS = ("/usr/share/locale", "/usr/share/locale-langpack")
 GUTENBERG_DOCUMENT_WORDS = 1000
 LINES_PER_DOCUMENT = {"ptb": 20, "multi30k": 20, "gettext": 25}
+
+# The sources each domain needs, checked before anything is written.
+REQUIRED = {
+    "gutenberg": ("gutenberg/books.tsv", "gutenberg/valid.txt.gz", "gutenberg/train-*.txt.gz"),
+    "wikipedia": ("wikipedia_extract/articles.tsv", "wikipedia_extract/train.txt.gz",
+                  "wikipedia_extract/valid.txt.gz"),
+    "ptb": ("ptb/ptb.train.txt", "ptb/ptb.valid.txt"),
+    "multi30k": ("multi30k/train.en", "multi30k/val.en"),
+    "bible": ("bible_parallel/bible.en_web", "bible_parallel/verse_ids.txt"),
+}
 
 DOCUMENT_RULES = {
     "gutenberg": f"consecutive paragraphs of one book, about {GUTENBERG_DOCUMENT_WORDS} words "
@@ -257,12 +268,18 @@ def bible(root, cap, rng, held_documents, held_words):
         "held_out_books": sorted((u for u, _ in held_units), key=int)}
 
 
+# printf (`%s`, `%-5.2f`, `%(name)s`, `%1$s`) and brace (`{0}`, `{name}`) placeholders:
+# their letters are not words, so a msgid such as "%s: %s" counts as having no letter.
+_PLACEHOLDER = re.compile(r"%(?:\([^)]*\)|\d+\$)?[-+ #0-9.*]*[hlLqjzt]*[a-zA-Z%]|\{[^{}]*\}")
+
+
 def gettext_messages(locale_roots):
     """`{package: [msgids]}` of the `.mo` catalogues under `locale_roots`.
 
     Every `<root>/<locale>/LC_MESSAGES/<package>.mo` is read
     (`corpora.read_mo`); a msgid's context (before `\\x04`) is dropped,
-    internal newlines become spaces, msgids without a letter are dropped,
+    internal newlines become spaces, msgids with no letter outside their format
+    placeholders (`%s`, `{0}`) are dropped,
     and a msgid is kept once: in the first package (by name) that has it,
     so no msgid is in two packages (which could put it in train and
     held-out). Unreadable catalogues are skipped.
@@ -287,7 +304,7 @@ def gettext_messages(locale_roots):
             bucket = found.setdefault(package, set())
             for msgid, _ in entries:
                 msgid = _clean(msgid.rpartition("\x04")[2])
-                if any(ch.isalpha() for ch in msgid):
+                if any(ch.isalpha() for ch in _PLACEHOLDER.sub("", msgid)):
                     bucket.add(msgid)
     seen, messages = set(), {}
     for package in sorted(found):
@@ -378,11 +395,15 @@ def split_held_out(documents, rng, max_select=100, eval_words=40_000):
 
 
 def write_documents(path, documents):
-    """One line per paragraph or sentence, one blank line between documents."""
+    """One line per paragraph or sentence, one blank line between documents.
+
+    A file of a single document ends in a blank line: a file without one
+    would be read as one document per line (`inspection.domains.read_documents`).
+    """
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n\n".join("\n".join(doc) for doc in documents))
         if documents:
-            f.write("\n")
+            f.write("\n\n" if len(documents) == 1 else "\n")
 
 
 def _counts(documents):
@@ -433,6 +454,11 @@ def build_domain_corpus(out, data_root="../shared/data", *, seed=1, train_words=
     root = os.fspath(data_root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"domain corpus data root not found: {root}")
+    for domain in domains:
+        for relative in REQUIRED.get(domain, ()):
+            path = os.path.join(root, relative)
+            if not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
+                raise FileNotFoundError(f"domain corpus source not found: {path}")
     held_documents, held_words = 2 * max_select, 2 * eval_words
     start = time.perf_counter()
     manifest = {"seed": seed, "data_root": os.path.abspath(root), "eval_words": eval_words,
