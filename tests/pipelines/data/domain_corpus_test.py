@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from keras_moe.pipelines.data import domain_corpus
+from keras_moe.pipelines.data import domain_sources
 from keras_moe.pipelines.data.domain_corpus import DOMAINS, build_domain_corpus
 from keras_moe.pipelines.inspection.domains import read_documents
 from tests.conftest import require_shared_data
@@ -197,7 +197,7 @@ def test_documents_follow_each_domain_rule(tree, tmp_path):
 
 def test_gettext_msgids_deduplicated_cleaned_and_packages_held_out_whole(tree, tmp_path):
     _, locales, _ = tree
-    messages, read, skipped = domain_corpus.gettext_messages([str(locales)])
+    messages, read, skipped = domain_sources.gettext_messages([str(locales)])
     assert (read, skipped) == (6, 0)
     # alpha is first by name: it keeps the msgids every package has.
     assert "shared by all" in messages["alpha"] and "shared by all" not in messages["beta"]
