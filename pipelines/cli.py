@@ -146,6 +146,20 @@ def build_parser():
                           help="also write the JSON to FILE (e.g. runs/RUN/wikipedia.json, which "
                           "benchmarks/gutenberg_results.py reads)")
     lm_sub.add_parser("presets", help="list the language-model presets with their costs")
+    domains = lm_sub.add_parser(
+        "domains", help="write the multi-domain corpus (Gutenberg, Wikipedia, PTB, Multi30k, "
+        "Bible, gettext) as documents: train.txt, valid.txt, valid/<domain>.{select,eval}.txt, "
+        "manifest.json (docs/lm.md)"
+    )
+    domains.add_argument("--out", required=True, help="folder that receives the corpus")
+    domains.add_argument("--data-root", default="../shared/data",
+                         help="the shared data folder (default: ../shared/data)")
+    domains.add_argument("--seed", type=int, default=1, help="seeds every draw (default: 1)")
+    domains.add_argument("--train-words", type=int, default=None, metavar="N",
+                         help="training words of Gutenberg and of Wikipedia (default: 2,000,000 "
+                         "each; the other domains take all of their training text)")
+    domains.add_argument("--eval-words", type=int, default=40_000, metavar="N",
+                         help="about N words in each valid/<domain>.eval.txt (default: 40,000)")
 
     _add_translate_parser(sub)
     _add_reproduce_parser(sub)
@@ -370,6 +384,14 @@ def run_lm(args):
     """`keras-moe lm ...`: parse, call the library, print."""
     import json
 
+    if args.lm_command == "domains":
+        from keras_moe.pipelines.data.domain_corpus import build_domain_corpus
+
+        manifest = build_domain_corpus(args.out, args.data_root, seed=args.seed,
+                                       train_words=args.train_words, eval_words=args.eval_words)
+        print(json.dumps({"out": args.out, **manifest["total"], "skipped": manifest["skipped"],
+                          "seconds": manifest["seconds"]}, indent=2))
+        return
     if args.lm_command not in ("demo", "presets"):
         from keras_moe.pipelines.lm import train as lm_train
     if args.lm_command == "demo":

@@ -49,6 +49,9 @@ class DataConfig:
     vocab_order: str = "learned"
     mode: str = "stream"  # stream: fixed windows over the text; sentences: one line per row
     seq_len: int = 35  # stream mode: window length
+    # stream mode: blank lines separate documents (not tokens); no window crosses two
+    # documents, so each row is one document's text (a per-row expert pool is per document).
+    document_rows: bool = False
     batch_size: int = 64  # stream mode: windows per batch
     batch_tokens: int = 8192  # sentences mode: about this many tokens per batch
     max_sentence_len: int = 100  # sentences mode: longer lines are cut
@@ -91,6 +94,19 @@ class DataConfig:
         check_positive("valid_max_words", self.valid_max_words, allow_zero=True)
         check_positive("interleave_block_lines", self.interleave_block_lines, allow_zero=True)
         check_positive("interleave_buffer_lines", self.interleave_buffer_lines)
+        if self.document_rows and self.mode != "stream":
+            raise ValueError(
+                "`document_rows` cuts stream-mode windows at document boundaries; set "
+                f"`mode: stream`. Received: mode={self.mode!r}"
+            )
+        if self.document_rows and self.interleave_block_lines:
+            raise ValueError(
+                "`document_rows` needs the training documents whole, but "
+                "`interleave_block_lines` mixes blocks of lines of several files (and drops the "
+                "blank lines between documents); shuffle the documents beforehand and set "
+                f"`interleave_block_lines: 0`. Received: interleave_block_lines="
+                f"{self.interleave_block_lines}"
+            )
         if self.interleave_block_lines and self.format != "text":
             raise ValueError(
                 "`interleave_block_lines` reads text shards (a glob or a directory); "
@@ -153,6 +169,15 @@ def check_budget(data_config, train_config):
         raise ValueError(
             "`train.max_tokens` counts `batch_size * seq_len` tokens a step and needs "
             f"`data.mode: stream`. Received: data.mode={data_config.mode!r}"
+        )
+    if data_config.document_rows:
+        # A document's last window is padded, so a step holds fewer than
+        # `batch_size * seq_len` tokens, and a budget counted in steps would overcount.
+        raise ValueError(
+            "`train.max_tokens` counts `batch_size * seq_len` tokens a step, but with "
+            "`data.document_rows: true` each document's last window is padded (padding is not "
+            "a token): budget the run in `train.steps` instead. Received: "
+            "data.document_rows=True"
         )
     if train_config.strategy == "multi_worker":
         raise ValueError(

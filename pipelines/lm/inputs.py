@@ -8,7 +8,9 @@ in memory. Two ways to cut it into rows:
   predicted too); rows are fixed windows of `seq_len` inputs and their
   next-token targets. Each pass over the training data starts at a random
   offset, so window boundaries move between passes. This is the usual
-  Penn Treebank setup.
+  Penn Treebank setup. With `data.document_rows`, blank lines separate
+  documents instead: each document is its own stream and no window crosses
+  two (`document_windows`), so a row is one document's text.
 - `sentences`: every line is its own row, `<eos>` in front as the start
   symbol and `<eos>` as the last target (the 1B Word setup, whose lines are
   shuffled sentences). Rows are grouped by length and batched so that a
@@ -49,6 +51,52 @@ def stream_windows(lines, vocab, seq_len, offset=0):
     window boundaries).
     """
     return id_windows(encoded_lines(lines, vocab), seq_len, offset, start=(_eos_id(vocab),))
+
+
+def document_id_lines(lines, vocab):
+    """Each non-blank line's ids (ending in `<eos>`), and `None` for each blank line.
+
+    Blank lines (whitespace only) are document boundaries, not tokens:
+    they are never encoded. Lines are encoded `CHUNK_LINES` at a time.
+    """
+    lines = iter(lines)
+    while chunk := list(itertools.islice(lines, CHUNK_LINES)):
+        text = [line for line in chunk if line.strip()]
+        encoded = iter(vocab.encode_lines(text) if text else ())
+        for line in chunk:
+            yield next(encoded) if line.strip() else None
+
+
+def document_windows(lines, vocab, seq_len):
+    """`(inputs, targets, weights)` windows of `seq_len` that never cross a document.
+
+    `data.document_rows: true`. Blank lines separate documents and are not
+    tokens. Each document is its own token stream (`id_windows` with an
+    `<eos>` in front as the start symbol, every line ending in `<eos>`), so
+    every token of a document is predicted exactly once, from its own
+    document only; a document's last window is padded with id 0 and weight
+    0. Windows start at each document's start. A document is streamed,
+    never held whole.
+
+    Example (ids: a=3, b=4, `<eos>`=2; documents "a b" and "b"):
+
+        stream 1: <eos> a b <eos>  -> inputs [2 3 4], targets [3 4 2]
+        stream 2: <eos> b <eos>    -> inputs [2 4 0], targets [4 2 0], weights [1 1 0]
+    """
+    start = (_eos_id(vocab),)
+    items = document_id_lines(lines, vocab)
+    more = [True]
+
+    def one_document():
+        for ids in items:
+            if ids is None:
+                return
+            yield ids
+        more[0] = False
+
+    while more[0]:
+        # `id_windows` reads its document to the end before the next one starts.
+        yield from id_windows(one_document(), seq_len, start=start)
 
 
 def id_windows(id_lines, seq_len, offset=0, start=()):
@@ -163,7 +211,13 @@ def training_dataset(lines_factory, vocab, data_config, seed=0, repeat=True):
     c = data_config
     passes = itertools.count()
 
-    if c.mode == "stream":
+    if c.mode == "stream" and c.document_rows:
+
+        def generate():
+            yield from document_windows(lines_factory(), vocab, c.seq_len)
+
+        shape = [c.seq_len]
+    elif c.mode == "stream":
 
         def generate():
             rng = np.random.default_rng([seed, next(passes)])
@@ -200,14 +254,17 @@ def training_dataset(lines_factory, vocab, data_config, seed=0, repeat=True):
 def evaluation_batches(lines, vocab, data_config, counts=None):
     """Batches `(inputs, targets, weights)` covering an evaluation text in order.
 
-    Stream mode uses windows of `eval_seq_len` (or `seq_len`); sentences mode
+    Stream mode uses windows of `eval_seq_len` (or `seq_len`), with
+    `document_rows` windows inside one document (`document_windows`); sentences mode
     keeps every sentence whole. Every batch has `eval_batch_size` rows (the
     last is padded with weight-0 rows) so a compiled step is traced once per
     row length. Sentences longer than `MAX_EVAL_SENTENCE_TOKENS` are split
     (`sentence_segments`, counted in `counts` when it is a dict).
     """
     c = data_config
-    if c.mode == "stream":
+    if c.mode == "stream" and c.document_rows:
+        rows = document_windows(lines, vocab, c.eval_seq_len or c.seq_len)
+    elif c.mode == "stream":
         rows = stream_windows(lines, vocab, c.eval_seq_len or c.seq_len)
     else:
         rows = sentence_segments(lines, vocab, counts=counts)

@@ -75,6 +75,8 @@ def lines_factory(data_config, split, seed=0):
         raise ValueError(f"`data.{split}` is empty: name a file, glob, directory or dataset")
     fmt = data_config.format
     kwargs = {"data_dir": data_config.tfds_data_dir} if fmt == "tfds" else {}
+    if data_config.document_rows and fmt != "tfds":
+        kwargs["blank_lines"] = True  # the document boundaries (lm_input.document_windows)
     if split == "train" and data_config.interleave_block_lines:
         files = lm_corpora.resolve_files(spec)
         passes = itertools.count()
@@ -220,13 +222,16 @@ def evaluate_lines(model, lines_factory_, vocab, data_config, routing=False):
 
     With `routing=True` the same forward pass also collects the MoE blocks'
     routing, and the result gets a `routing` entry (see `routing_report`).
+    With `data_config.document_rows` blank lines separate documents and
+    count no word (they are not tokens).
     """
     words = 0
+    blank_words = 0 if data_config.document_rows else 1
 
     def counted():
         nonlocal words
         for line in lines_factory_():
-            words += lm_corpora.count_words(line)
+            words += lm_corpora.count_words(line) if line.strip() else blank_words
             yield line
 
     with_routing = routing and any(block == "moe" for block in model.blocks)
