@@ -74,6 +74,11 @@ def read_sample(run, data, target=None, max_documents=100, target_flag="--target
     """
     if run.kind == "lm":
         documents = read_documents(data, max_documents)
+        if getattr(run.config.data, "document_rows", False):
+            # Rows stay inside a document: keep the blank line between documents
+            # that `data.document_rows` reads as the boundary.
+            lines = [line for doc in documents for line in [*doc, ""]]
+            return Sample(len(documents), lines=lines[:-1])
         return Sample(len(documents), lines=[line for doc in documents for line in doc])
     if target is None:
         raise ValueError(

@@ -222,3 +222,24 @@ def test_docstring_examples():
                                                  globs=dict(vars(module))):
             runner.run(test)
     assert runner.failures == 0 and runner.tries >= 2
+
+
+def test_a_document_rows_run_reads_its_sample_with_the_document_boundaries(tmp_path):
+    import types
+
+    from keras_moe.pipelines.experts import runs
+
+    path = tmp_path / "docs.txt"
+    path.write_text("a b\nc\n\nd e f\n\ng\n", encoding="utf-8")
+
+    def run(document_rows):
+        data = types.SimpleNamespace(document_rows=document_rows)
+        return types.SimpleNamespace(kind="lm", config=types.SimpleNamespace(data=data))
+
+    # Three documents; with `data.document_rows` a blank line between them (and
+    # none after the last), so that no evaluation row spans two documents.
+    sample = runs.read_sample(run(True), str(path), max_documents=3)
+    assert (sample.documents, sample.lines) == (3, ["a b", "c", "", "d e f", "", "g"])
+    assert runs.read_sample(run(True), str(path), max_documents=2).lines == [
+        "a b", "c", "", "d e f"]
+    assert runs.read_sample(run(False), str(path)).lines == ["a b", "c", "d e f", "g"]
