@@ -1,0 +1,659 @@
+"""Issue 27's experiment: domain expert subsets, pruning, merging and k' of two LM runs.
+
+Given a standard MoE language-model run (`--standard`) and the same model
+trained with document pools (`--pooled`), and a multi-domain directory
+(`--domains DIR`: `valid.txt`, and per domain `valid/<domain>.select.txt`,
+at most 100 held-out documents, and `valid/<domain>.eval.txt`, other
+held-out documents), this measures for each model:
+
+1. per domain: each expert's usage share on the domain's select documents
+   and the full model's perplexity on `<domain>.eval.txt`; per keep
+   fraction `f` (`--keep`), the subset that keeps the `f` most used experts
+   (`commands.top_experts`, `keras_moe.surgery.subset_model`), written as
+   the run `WORK/<model>-<domain>-<f>`, its perplexity on the eval text and
+   the relative change `(subset - full) / full`, its `model.keras` and
+   weight bytes, and for `--rss-domain` the resident memory at load;
+2. the expert x domain heat map of those usage shares
+   (`experts.heatmap.draw_png`, rows in `domains.expert_order`), copied to
+   `--images/modularity-heatmap-<model>.png`, and the cluster metrics below;
+3. for the standard model (both with `--prune-pooled`): pruning by usage
+   (`surgery.prune_model` per `--prune-threshold`) and merging
+   (`merging.merge_model`, mode average, gate busier, per
+   `--merge-similarity`), with the usage of all domains' select documents
+   together (`WORK/all.select.txt`), the perplexity on the mixed text
+   before and after and the experts left;
+4. inference-time k: per `k'` in `--k`, the perplexity and tokens/s on the
+   mixed text (`lm.train.evaluate(..., k=k')`, what `keras-moe lm evaluate
+   --k` prints; each call loads the run, so its compiled step has `k'`).
+
+Each step is what `keras-moe experts select|prune|merge` does (the same
+`runs.read_sample`, `runs.measure`, `runs.save_run` and surgery calls, so
+`experts select --run-dir R --data <domain>.select.txt --keep f --eval-data
+<domain>.eval.txt` reports the same perplexity), but on one loaded run per
+model: the usage pass and the full model's eval pass of a domain are made
+once for all keep fractions, and the usage of all select documents and the
+full model's mixed-text pass once for all prune and merge settings. The
+heat map is drawn from the usage shares of the select pass (the
+`experts heatmap` command routes the same documents line by line instead,
+which can move a few pairs).
+
+The mixed text is `DIR/valid.txt`, or with `--mixed-max-words N` (the
+default) an evenly spaced sample of its documents of about N words,
+written to `WORK/valid.mixed.txt` without blank lines (so every reader
+sees the same lines).
+
+Cluster metrics. For a MoE layer, `S[e, d]` is domain `d`'s share of its
+routed (token, expert) pairs that went to expert `e` (inference mode, on
+its select documents: each column sums to 1; `E` experts, `D` domains).
+
+- concentration of domain `d` at fraction `f`: the sum of the
+  `n = max(1, round(f * E))` largest `S[e, d]` over `e`, the share of the
+  domain's pairs that already go to the `n` experts a subset of `f` keeps.
+  1.0: the domain uses only `n` experts; `n / E`: all of them evenly.
+- purity: the mean, over the experts with any pair, of
+  `max_d S[e, d] / sum_d S[e, d]`, the part of the expert's traffic that
+  comes from its dominant domain, every domain weighted equally. 1.0:
+  each expert serves one domain; `1 / D`: every expert serves all evenly.
+- overlap at fraction `f`: the mean, over pairs of domains, of the Jaccard
+  index of their `n` top experts. 0: disjoint blocks; 1: the same experts.
+
+Targets (issue 27), printed as met/missed lines:
+- the pooled model's full-model perplexity on the mixed text is within 2%
+  of the standard model's;
+- with 25% of the experts, the pooled model loses at most 3% perplexity in
+  every domain, and the standard model loses 10% or more in every domain;
+- the pooled model's heat map shows domain-level clusters: here, its mean
+  concentration at 25% is at least `CLUSTER_MIN_CONCENTRATION` and its
+  purity at least `CLUSTER_MIN_PURITY` (6 domains: uniform is 0.25 and
+  0.167), both above the standard model's.
+
+Time. Full-softmax evaluation passes dominate: per model and domain, one
+over the select documents and `1 + len(--keep)` over the eval text (6
+domains x ~40k words x 3 passes + the select documents); then the mixed
+text `len(--k)` times, and for pruning and merging once over all select
+documents and `1 + settings` times over the mixed text. Each new model
+(subset, pruned, merged, k') also traces its evaluation step once, and
+`--rss-domain` starts two fresh Python processes per subset.
+
+Usage:
+    python benchmarks/modularity.py --standard runs/std --pooled runs/pool --domains data/md \\
+        [--keep 0.25 0.125] [--k 1 2 4] [--work runs/modularity] \\
+        [--json benchmarks/results/modularity.json] [--images docs/images]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from keras_moe import merging, surgery  # noqa: E402
+from keras_moe.monitoring import find_moe_layers  # noqa: E402
+from keras_moe.pipelines.experts import commands, runs  # noqa: E402
+from keras_moe.pipelines.experts import heatmap as heatmap_lib  # noqa: E402
+from keras_moe.pipelines.inspection import domains as domains_lib  # noqa: E402
+from keras_moe.pipelines.inspection.domains import read_documents  # noqa: E402
+from keras_moe.pipelines.lm import train as lm_train  # noqa: E402
+
+DOMAINS = ("gutenberg", "wikipedia", "ptb", "multi30k", "bible", "gettext")
+MODELS = ("standard", "pooled")
+CLUSTER_MIN_CONCENTRATION = 0.75
+CLUSTER_MIN_PURITY = 0.5
+CLUSTER_FRACTION = 0.25
+NOTE = ("measured on a shared 2-core machine under load from other jobs: tokens/s and "
+        "seconds are indicative; perplexities and sizes are not affected")
+
+
+# --- cluster metrics --------------------------------------------------------------------------
+
+
+def domain_shares(counts):
+    """`S[e, d] = C[e, d] / sum_e C[e, d]` (a column of zeros stays zero)."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=0, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def top_count(fraction, num_experts):
+    """`max(1, round(fraction * E))`, the experts `experts select --keep fraction` keeps."""
+    return max(1, int(round(fraction * num_experts)))
+
+
+def concentration(counts, fraction=CLUSTER_FRACTION):
+    """Per domain, the share of its pairs on its `top_count(fraction, E)` experts.
+
+    Example:
+
+    >>> concentration([[3, 1], [1, 1], [0, 1], [0, 1]], 0.25)
+    [0.75, 0.25]
+    """
+    shares = domain_shares(counts)
+    n = top_count(fraction, shares.shape[0])
+    top = -np.sort(-shares, axis=0)[:n]
+    return [float(v) for v in top.sum(axis=0)]
+
+
+def purity(counts):
+    """Mean over used experts of the dominant domain's part of the expert's shares.
+
+    Example:
+
+    >>> purity([[2, 0], [1, 1], [0, 0]])  # S = [[2/3, 0], [1/3, 1/2]]
+    0.6666666666666666
+    """
+    shares = domain_shares(counts)
+    row = shares.sum(axis=1)
+    used = row > 0
+    if not used.any():
+        return 0.0
+    return float(np.mean(shares[used].max(axis=1) / row[used]))
+
+
+def overlap(counts, fraction=CLUSTER_FRACTION):
+    """Mean Jaccard index of the domains' top-expert sets over pairs of domains."""
+    shares = domain_shares(counts)
+    n = top_count(fraction, shares.shape[0])
+    tops = [set(np.argsort(-shares[:, d], kind="stable")[:n].tolist())
+            for d in range(shares.shape[1])]
+    pairs = [(a, b) for i, a in enumerate(tops) for b in tops[i + 1:]]
+    if not pairs:
+        return None
+    return float(np.mean([len(a & b) / len(a | b) for a, b in pairs]))
+
+
+def cluster_metrics(counts, domain_names, fraction=CLUSTER_FRACTION):
+    """The three metrics of one layer's `[E][D]` counts (see the module docstring)."""
+    per_domain = concentration(counts, fraction)
+    return {
+        "fraction": fraction,
+        "experts_counted": top_count(fraction, len(counts)),
+        "concentration": dict(zip(domain_names, per_domain, strict=True)),
+        "mean_concentration": float(np.mean(per_domain)),
+        "uniform_concentration": top_count(fraction, len(counts)) / len(counts),
+        "purity": purity(counts),
+        "uniform_purity": 1.0 / len(domain_names),
+        "overlap": overlap(counts, fraction),
+    }
+
+
+# --- the experiment ---------------------------------------------------------------------------
+
+
+class Progress:
+    """Progress lines with the elapsed time, to stderr."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message):
+        print(f"[modularity {time.perf_counter() - self.start:7.1f} s] {message}",
+              file=sys.stderr, flush=True)
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+
+def domain_files(directory, names):
+    """`{domain: (select file, eval file)}`; FileNotFoundError naming the missing file."""
+    files = {}
+    for name in names:
+        pair = tuple(os.path.join(directory, "valid", f"{name}.{part}.txt")
+                     for part in ("select", "eval"))
+        for path in pair:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--domains {directory}: no file {path}")
+        files[name] = pair
+    return files
+
+
+def write_lines(path, documents):
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in documents:
+            f.write("".join(line + "\n" for line in doc if line.strip()))
+    return path
+
+
+def mixed_text(valid, out, max_words):
+    """`valid`, or an evenly spaced sample of its documents of about `max_words` words."""
+    if not max_words:
+        return valid, None
+    documents = read_documents(valid, max_documents=10**9)
+    words = [sum(len(line.split()) for line in doc) for doc in documents]
+    total = sum(words)
+    step = max(1, int(np.ceil(total / max_words))) if total > max_words else 1
+    chosen = documents[::step]
+    write_lines(out, chosen)
+    return out, {"documents": len(chosen), "of_documents": len(documents),
+                 "words": sum(words[::step]), "of_words": total}
+
+
+def _guarded(progress, what, call, *args, **kwargs):
+    """`call(*args, **kwargs)`, or `{"error": message}` when the library refuses it."""
+    try:
+        return call(*args, **kwargs)
+    except ValueError as error:
+        progress(f"{what}: refused: {error}")
+        return {"error": str(error)}
+
+
+def _sizes(model, model_path=None):
+    out = {"weight_bytes": surgery.weight_bytes(model)}
+    if model_path is not None:
+        out["file_bytes"] = os.path.getsize(model_path)
+    return out
+
+
+def load_model_run(run_dir, rss):
+    """The loaded run and its facts: experts, k, pool settings, sizes (and RSS at load)."""
+    run = runs.load(run_dir)
+    layers = find_moe_layers(run.model)
+    info = {
+        "run_dir": os.fspath(run_dir),
+        "experts": layers[0].num_experts if layers else 0,
+        "k": layers[0].k if layers else None,
+        "moe_layers": [layer.name for layer in layers],
+        "pool_size": getattr(run.config.model, "pool_size", None),
+        "pool_size_range": getattr(run.config.model, "pool_size_range", None),
+        "sizes": _sizes(run.model, run.model_path),
+    }
+    # The run's file also holds the optimizer's slots; saved like a subset is
+    # (weights only) is the like-for-like size, as `experts select` reports.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        run.model.save(path)
+        info["sizes"]["file_bytes_weights_only"] = os.path.getsize(path)
+    if rss:
+        info["sizes"]["rss_bytes"] = commands.load_rss_bytes(run.model_path)
+    return run, info
+
+
+def _save_and_measure(run, model, where, evaluation):
+    """Write `model` as the run directory `where`; its quality on `evaluation`, its sizes."""
+    written = runs.save_run(run, model, where)
+    measured = runs.measure(run, model, evaluation)
+    return written, measured
+
+
+def subsets(name, run, info, files, args, progress):
+    """Per domain: usage on its select documents, full and subset perplexity, sizes."""
+    out = {}
+    for domain, (select_file, eval_file) in files.items():
+        progress(f"{name}: {domain}: usage on the select documents, full model on the eval text")
+        sample = runs.read_sample(run, select_file, max_documents=args.max_documents)
+        evaluation = runs.read_sample(run, eval_file, max_documents=10**9)
+        usage = runs.measure(run, run.model, sample)
+        full = runs.measure(run, run.model, evaluation)
+        entry = {"documents": sample.documents, "select_tokens": usage["tokens"],
+                 "usage": usage["usage"],
+                 "full": {key: full[key] for key in ("perplexity", "tokens", "words")},
+                 "keep": {}}
+        for fraction in args.keep:
+            where = os.path.join(args.work, f"{name}-{domain}-{fraction:g}")
+            kept = commands.top_experts(usage["usage"], fraction)
+            model = _guarded(progress, f"{name} {domain} keep {fraction:g}",
+                             surgery.subset_model, run.model, kept)
+            if isinstance(model, dict):
+                entry["keep"][f"{fraction:g}"] = model
+                continue
+            written, after = _save_and_measure(run, model, where, evaluation)
+            change = (after["perplexity"] - full["perplexity"]) / full["perplexity"]
+            entry["keep"][f"{fraction:g}"] = {
+                "perplexity": after["perplexity"], "change": change, "kept": kept,
+                "experts": {layer.name: layer.num_experts for layer in find_moe_layers(model)},
+                "out": written.path, **_sizes(model, written.model_file)}
+            if domain == args.rss_domain:
+                entry["keep"][f"{fraction:g}"]["rss_bytes"] = commands.load_rss_bytes(
+                    written.model_file)
+            progress(f"{name}: {domain}: full {full['perplexity']:.2f}, keep {fraction:g} "
+                     f"{after['perplexity']:.2f} ({100 * change:+.1f}%) -> {written.path}")
+        out[domain] = entry
+    return out
+
+
+def inference_k(name, info, mixed, ks, progress):
+    """Perplexity and tokens/s on the mixed text at the trained k and at each k'."""
+    progress(f"{name}: mixed text at the trained k={info['k']}")
+    trained = lm_train.evaluate(info["run_dir"], mixed)
+    rows = []
+    for k in ks:
+        if k == info["k"]:
+            result = trained
+        else:
+            progress(f"{name}: mixed text at k'={k}")
+            result = _guarded(progress, f"{name} k'={k}", lm_train.evaluate, info["run_dir"],
+                              mixed, k=k)
+        if "error" in result:
+            rows.append({"k": k, "error": result["error"]})
+            continue
+        rows.append({"k": k, "perplexity": result["perplexity"],
+                     "change": (result["perplexity"] - trained["perplexity"])
+                     / trained["perplexity"],
+                     "tokens_per_second": result["tokens_per_second"],
+                     "tokens": result["tokens"]})
+    return {"trained_k": info["k"], "perplexity": trained["perplexity"],
+            "words": trained["words"], "rows": rows}
+
+
+def heat(name, domains, args):
+    """Per MoE layer: the `[E][D]` shares, their heat map and the cluster metrics."""
+    names = list(domains)
+    layers = {}
+    for index, layer in enumerate(next(iter(domains.values()))["usage"]):
+        shares = np.asarray([domains[d]["usage"][layer] for d in names]).T
+        order = domains_lib.expert_order(shares)
+        png = os.path.join(args.work, f"heatmap-{name}-{layer}.png")
+        heatmap_lib.draw_png(shares, order, names, png, f"{name}: expert x domain usage "
+                             f"({layer})")
+        layers[layer] = {**cluster_metrics(shares, names), "shares": shares.tolist(),
+                         "order": order, "png": png}
+        if args.images:
+            os.makedirs(args.images, exist_ok=True)
+            suffix = "" if index == 0 else f"-{layer}"
+            target = os.path.join(args.images, f"modularity-heatmap-{name}{suffix}.png")
+            shutil.copyfile(png, target)
+            layers[layer]["image"] = target
+    return {"layers": layers}
+
+
+def prune_and_merge(name, run, all_select, documents, mixed, args, progress):
+    """Prune at each threshold and merge at each similarity; before/after on the mixed text."""
+    progress(f"{name}: usage on all select documents, full model on the mixed text")
+    sample = runs.read_sample(run, all_select, max_documents=documents)
+    evaluation = runs.read_sample(run, mixed, max_documents=10**9)
+    usage = runs.measure(run, run.model, sample)["usage"]
+    before = runs.measure(run, run.model, evaluation)
+    rows_in = runs.sample_rows(run, sample) if args.merge_similarity else None
+    experts = {layer.name: layer.num_experts for layer in find_moe_layers(run.model)}
+    out = {"usage": usage, "before": before["perplexity"], "rows": []}
+    settings = [("prune", t) for t in args.prune_threshold]
+    settings += [("merge", s) for s in args.merge_similarity]
+    for command, value in settings:
+        where = os.path.join(args.work, f"{name}-{command}-{value:g}")
+        if command == "prune":
+            made = _guarded(progress, f"{name} prune {value:g}", surgery.prune_model,
+                            run.model, usage, value)
+        else:
+            made = _guarded(progress, f"{name} merge {value:g}", merging.merge_model,
+                            run.model, rows_in, usage, value, "average", "busier")
+        row = {"command": command, "value": value}
+        if isinstance(made, dict):
+            out["rows"].append({**row, **made})
+            continue
+        model, details = made
+        written, after = _save_and_measure(run, model, where, evaluation)
+        row.update(before=before["perplexity"], after=after["perplexity"],
+                   change=(after["perplexity"] - before["perplexity"]) / before["perplexity"],
+                   experts_before=experts, out=written.path,
+                   experts_after={layer.name: layer.num_experts
+                                  for layer in find_moe_layers(model)},
+                   **_sizes(model, written.model_file))
+        row["kept" if command == "prune" else "clusters"] = details
+        out["rows"].append(row)
+        progress(f"{name}: {command} {value:g}: {before['perplexity']:.2f} -> "
+                 f"{after['perplexity']:.2f}, experts {sum(experts.values())} -> "
+                 f"{sum(row['experts_after'].values())}")
+    return out
+
+
+# --- targets and the summary ------------------------------------------------------------------
+
+
+def _change_at(model, fraction):
+    """`{domain: relative change}` at a keep fraction (domains with an error left out)."""
+    out = {}
+    for domain, entry in model["domains"].items():
+        kept = entry["keep"].get(f"{fraction:g}", {})
+        if "change" in kept:
+            out[domain] = kept["change"]
+    return out
+
+
+def targets(result):
+    """The issue's targets as `{"target", "met" (True/False/None), "detail"}` rows."""
+    std, pool = result["models"]["standard"], result["models"]["pooled"]
+    rows = []
+    a, b = std["inference_k"]["perplexity"], pool["inference_k"]["perplexity"]
+    ratio = (b - a) / a
+    rows.append({"target": "pooled full-model perplexity within 2% of the standard MoE's",
+                 "met": ratio <= 0.02,
+                 "detail": f"mixed text: standard {a:.2f}, pooled {b:.2f} ({100 * ratio:+.1f}%)"})
+    for label, model, test, bound in (
+            ("pooled model loses at most 3% per domain with 25% of the experts", pool,
+             lambda c: c <= 0.03, "worst"),
+            ("standard MoE loses 10% or more per domain with 25% of the experts", std,
+             lambda c: c >= 0.10, "least")):
+        changes = _change_at(model, 0.25)
+        if not changes:
+            rows.append({"target": label, "met": None, "detail": "not measured (--keep 0.25)"})
+            continue
+        worst = max(changes.values()) if bound == "worst" else min(changes.values())
+        missing = [d for d in model["domains"] if d not in changes]
+        rows.append({"target": label,
+                     "met": all(test(c) for c in changes.values()) and not missing,
+                     "detail": f"{bound} {100 * worst:+.1f}%; " + ", ".join(
+                         f"{d} {100 * c:+.1f}%" for d, c in changes.items())
+                     + (f"; no number for {', '.join(missing)}" if missing else "")})
+    first = next(iter(pool["heatmap"]["layers"].values()))
+    base = next(iter(std["heatmap"]["layers"].values()))
+    met = (first["mean_concentration"] >= CLUSTER_MIN_CONCENTRATION
+           and first["purity"] >= CLUSTER_MIN_PURITY
+           and first["mean_concentration"] > base["mean_concentration"]
+           and first["purity"] > base["purity"])
+    rows.append({"target": "the pooled model's heat map shows domain-level clusters",
+                 "met": met,
+                 "detail": f"concentration@25% {first['mean_concentration']:.3f} (standard "
+                 f"{base['mean_concentration']:.3f}, needs >= {CLUSTER_MIN_CONCENTRATION}), "
+                 f"purity {first['purity']:.3f} (standard {base['purity']:.3f}, needs >= "
+                 f"{CLUSTER_MIN_PURITY})"})
+    return rows
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ppl(value, change=None):
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if change is None else f"{value:.2f} ({100 * change:+.1f}%)"
+
+
+def _mib(value):
+    return "-" if value is None else f"{value / 2**20:.2f} MiB"
+
+
+def summary(result):
+    """The markdown summary: four tables, the cluster metrics and the targets."""
+    models, keeps = result["models"], result["settings"]["keep"]
+    parts = ["## Per-domain perplexity: full model and expert subsets (change vs full)"]
+    header = ["domain"]
+    for name in models:
+        header += [f"{name} full"] + [f"{name} {100 * f:g}%" for f in keeps]
+    rows = []
+    for domain in result["domains"]:
+        row = [domain]
+        for model in models.values():
+            entry = model["domains"][domain]
+            row.append(_ppl(entry["full"]["perplexity"]))
+            for f in keeps:
+                kept = entry["keep"].get(f"{f:g}", {})
+                row.append(_ppl(kept.get("perplexity"), kept.get("change"))
+                           if "perplexity" in kept else "error")
+        rows.append(row)
+    parts.append(_table(header, rows))
+    parts.append("## Inference-time k' (mixed text)")
+    rows = []
+    for name, model in models.items():
+        for r in model["inference_k"]["rows"]:
+            trained = " (trained)" if r["k"] == model["inference_k"]["trained_k"] else ""
+            rows.append([name, f"{r['k']}{trained}", _ppl(r.get("perplexity"), r.get("change"))
+                         if "perplexity" in r else "error",
+                         f"{r['tokens_per_second']:,.0f}" if "perplexity" in r else "-"])
+    parts.append(_table(["model", "k'", "perplexity (change vs trained k)", "tokens/s"], rows))
+    parts.append("## Pruning and merging (usage from all select documents; mixed text)")
+    rows = []
+    for name, model in models.items():
+        for r in model.get("surgery", {}).get("rows", []):
+            what = f"{r['command']} {r['value']:g}"
+            if "error" in r:
+                rows.append([name, what, "error", "-", "-"])
+                continue
+            experts = (f"{sum(r['experts_before'].values())} -> "
+                       f"{sum(r['experts_after'].values())}")
+            rows.append([name, what, _ppl(r["before"]), _ppl(r["after"], r["change"]), experts])
+    parts.append(_table(["model", "operation", "before", "after (change)", "experts"], rows))
+    parts.append(f"## File sizes (RSS at load: {result['settings']['rss_domain'] or 'none'})")
+    rows = []
+    for name, model in models.items():
+        full = model["sizes"]
+        rows.append([name, "full (run's file, with optimizer slots)", _mib(full["file_bytes"]),
+                     _mib(full["weight_bytes"]), _mib(full.get("rss_bytes"))])
+        rows.append([name, "full, weights only", _mib(full["file_bytes_weights_only"]),
+                     _mib(full["weight_bytes"]), "-"])
+        for f in keeps:
+            sizes = [e["keep"].get(f"{f:g}", {}) for e in model["domains"].values()]
+            sizes = [s for s in sizes if "file_bytes" in s]
+            if not sizes:
+                continue
+            rss = next((s["rss_bytes"] for s in sizes if "rss_bytes" in s), None)
+            experts = sum(sizes[0]["experts"].values())
+            rows.append([name, f"keep {100 * f:g}% ({experts} experts)",
+                         _mib(max(s["file_bytes"] for s in sizes)),
+                         _mib(max(s["weight_bytes"] for s in sizes)), _mib(rss)])
+    parts.append(_table(["model", "file", "model.keras", "weights in memory", "RSS at load"],
+                        rows))
+    parts.append("## Domain clusters (usage shares on the select documents)")
+    rows = []
+    for name, model in models.items():
+        for layer, m in model["heatmap"]["layers"].items():
+            rows.append([name, layer, f"{m['mean_concentration']:.3f} "
+                         f"(uniform {m['uniform_concentration']:.3f})",
+                         f"{m['purity']:.3f} (uniform {m['uniform_purity']:.3f})",
+                         "-" if m["overlap"] is None else f"{m['overlap']:.3f}",
+                         ", ".join(f"{d} {v:.2f}" for d, v in m["concentration"].items())])
+    parts.append(_table(["model", "layer", "concentration@25%", "purity", "top-25% overlap",
+                         "per domain"], rows))
+    parts.append("## Targets")
+    for t in result["targets"]:
+        state = {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        parts.append(f"- {state}: {t['target']} ({t['detail']})")
+    return "\n\n".join(parts)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--standard", required=True, help="the standard MoE LM run directory")
+    parser.add_argument("--pooled", required=True, help="the document-pool MoE LM run directory")
+    parser.add_argument("--domains", required=True,
+                        help="directory with valid.txt and valid/<domain>.{select,eval}.txt")
+    parser.add_argument("--domain-names", nargs="+", default=None,
+                        help="domains (default: manifest.json's, else the six of issue 27)")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.125])
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--max-documents", type=int, default=100)
+    parser.add_argument("--prune-threshold", type=float, nargs="+", default=[0.005, 0.01])
+    parser.add_argument("--merge-similarity", type=float, nargs="+", default=[0.9, 0.8])
+    parser.add_argument("--prune-pooled", action="store_true",
+                        help="also prune and merge the pooled model")
+    parser.add_argument("--mixed-max-words", type=int, default=100000,
+                        help="evaluate on an evenly spaced sample of valid.txt's documents of "
+                        "about this many words (0: all of valid.txt)")
+    parser.add_argument("--work", default="runs/modularity",
+                        help="directory for the subset runs (must not exist or be empty)")
+    parser.add_argument("--json", default="benchmarks/results/modularity.json")
+    parser.add_argument("--images", default="docs/images",
+                        help="where the heat map PNGs are copied ('' for nowhere)")
+    parser.add_argument("--rss-domain", default="gutenberg",
+                        help="the domain whose subsets get RSS measured at load")
+    args = parser.parse_args(argv)
+    for f in args.keep:
+        if not 0 < f <= 1:
+            parser.error(f"--keep must be in (0, 1]. Received: {f}")
+    return args
+
+
+def domain_names(directory, names):
+    if names:
+        return list(names)
+    manifest = os.path.join(directory, "manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest, encoding="utf-8") as f:
+            listed = json.load(f).get("domains")
+        if isinstance(listed, dict):
+            return list(listed)
+        if isinstance(listed, list):
+            return [d["name"] if isinstance(d, dict) else str(d) for d in listed]
+    return list(DOMAINS)
+
+
+def run(args):
+    """The whole experiment; returns the result dict (also written to `args.json`)."""
+    progress = Progress()
+    commands_out = runs.check_out(args.work)  # refuse a used work directory at once
+    names = domain_names(args.domains, args.domain_names)
+    files = domain_files(args.domains, names)
+    valid = os.path.join(args.domains, "valid.txt")
+    if not os.path.isfile(valid):
+        raise FileNotFoundError(f"--domains {args.domains}: no file {valid}")
+    os.makedirs(commands_out, exist_ok=True)
+    mixed, mixed_info = mixed_text(valid, os.path.join(args.work, "valid.mixed.txt"),
+                                   args.mixed_max_words)
+    # Every domain's select documents together: the usage for pruning and merging.
+    all_select = os.path.join(args.work, "all.select.txt")
+    selected = {d: read_documents(s, args.max_documents) for d, (s, _) in files.items()}
+    documents = sum(len(docs) for docs in selected.values())
+    with open(all_select, "w", encoding="utf-8") as f:
+        f.write("\n".join("\n".join(doc) + "\n" for docs in selected.values() for doc in docs))
+    result = {
+        "benchmark": "modularity", "issue": 27, "note": NOTE,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "settings": {key: getattr(args, key) for key in (
+            "standard", "pooled", "domains", "keep", "k", "max_documents", "prune_threshold",
+            "merge_similarity", "prune_pooled", "mixed_max_words", "work", "rss_domain")},
+        "domains": names, "mixed": {"path": mixed, **(mixed_info or {})},
+        "all_select": {"path": all_select, "documents": documents},
+        "models": {}, "seconds": {},
+    }
+    for name, run_dir in (("standard", args.standard), ("pooled", args.pooled)):
+        started = progress.elapsed()
+        progress(f"{name}: loading {run_dir}")
+        run, model = load_model_run(run_dir, rss=args.rss_domain in names)
+        model["domains"] = subsets(name, run, model, files, args, progress)
+        model["heatmap"] = heat(name, model["domains"], args)
+        if name == "standard" or args.prune_pooled:
+            model["surgery"] = prune_and_merge(name, run, all_select, documents, mixed, args,
+                                               progress)
+        del run  # the k' evaluations load their own model
+        model["inference_k"] = inference_k(name, model, mixed, args.k, progress)
+        result["models"][name] = model
+        result["seconds"][name] = progress.elapsed() - started
+    result["seconds"]["total"] = progress.elapsed()
+    result["targets"] = targets(result)
+    result["summary"] = summary(result)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    print(result["summary"])
+    progress(f"done; JSON: {args.json}")
+    return result
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
