@@ -27,9 +27,9 @@ held-out documents), this measures for each model:
    --k` prints; each call loads the run, so its compiled step has `k'`).
 
 Each step is what `keras-moe experts select|prune|merge` does (the same
-`runs.read_sample`, `runs.measure`, `runs.save_run` and surgery calls, so
-`experts select --run-dir R --data <domain>.select.txt --keep f --eval-data
-<domain>.eval.txt` reports the same perplexity), but on one loaded run per
+`runs.measure`, `runs.save_run` and surgery calls, so `experts select
+--run-dir R --data <domain>.select.txt --keep f --eval-data
+<domain>.eval.txt` reports the same figures), but on one loaded run per
 model: the usage pass and the full model's eval pass of a domain are made
 once for all keep fractions, and the usage of all select documents and the
 full model's mixed-text pass once for all prune and merge settings. The
@@ -37,10 +37,15 @@ heat map is drawn from the usage shares of the select pass (the
 `experts heatmap` command routes the same documents line by line instead,
 which can move a few pairs).
 
+Documents. For a run trained with `data.document_rows` every document is
+followed by a blank line, so no evaluation window crosses two documents
+(as `keras-moe lm evaluate` reads the files); `runs.read_sample`, which
+the `experts` commands use, joins the documents' lines, so on such a run
+the commands' figures differ from these a little.
+
 The mixed text is `DIR/valid.txt`, or with `--mixed-max-words N` (the
 default) an evenly spaced sample of its documents of about N words,
-written to `WORK/valid.mixed.txt` without blank lines (so every reader
-sees the same lines).
+written to `WORK/valid.mixed.txt` (blank lines between documents).
 
 Cluster metrics. For a MoE layer, `S[e, d]` is domain `d`'s share of its
 routed (token, expert) pairs that went to expert `e` (inference mode, on
@@ -213,10 +218,25 @@ def domain_files(directory, names):
     return files
 
 
-def write_lines(path, documents):
+def write_documents(path, documents):
+    """One line per line of a document, one blank line after each document."""
     with open(path, "w", encoding="utf-8") as f:
-        for doc in documents:
-            f.write("".join(line + "\n" for line in doc if line.strip()))
+        f.write("".join("".join(line + "\n" for line in doc) + "\n" for doc in documents))
+    return path
+
+
+def read_sample(run, path, max_documents=10**9):
+    """The first documents of `path` as the `runs.Sample` that `runs.measure` evaluates.
+
+    A run trained with `data.document_rows` sees a blank line after each
+    document, so no evaluation window crosses two documents, as in
+    `keras-moe lm evaluate`; otherwise the documents' lines in order
+    (`runs.read_sample`).
+    """
+    documents = read_documents(path, max_documents)
+    if getattr(run.config.data, "document_rows", False):
+        return runs.Sample(len(documents), lines=[x for doc in documents for x in [*doc, ""]])
+    return runs.read_sample(run, path, max_documents=max_documents)
     return path
 
 
@@ -229,7 +249,7 @@ def mixed_text(valid, out, max_words):
     total = sum(words)
     step = max(1, int(np.ceil(total / max_words))) if total > max_words else 1
     chosen = documents[::step]
-    write_lines(out, chosen)
+    write_documents(out, chosen)
     return out, {"documents": len(chosen), "of_documents": len(documents),
                  "words": sum(words[::step]), "of_words": total}
 
@@ -286,8 +306,8 @@ def subsets(name, run, info, files, args, progress):
     out = {}
     for domain, (select_file, eval_file) in files.items():
         progress(f"{name}: {domain}: usage on the select documents, full model on the eval text")
-        sample = runs.read_sample(run, select_file, max_documents=args.max_documents)
-        evaluation = runs.read_sample(run, eval_file, max_documents=10**9)
+        sample = read_sample(run, select_file, args.max_documents)
+        evaluation = read_sample(run, eval_file)
         usage = runs.measure(run, run.model, sample)
         full = runs.measure(run, run.model, evaluation)
         entry = {"documents": sample.documents, "select_tokens": usage["tokens"],
@@ -365,8 +385,8 @@ def heat(name, domains, args):
 def prune_and_merge(name, run, all_select, documents, mixed, args, progress):
     """Prune at each threshold and merge at each similarity; before/after on the mixed text."""
     progress(f"{name}: usage on all select documents, full model on the mixed text")
-    sample = runs.read_sample(run, all_select, max_documents=documents)
-    evaluation = runs.read_sample(run, mixed, max_documents=10**9)
+    sample = read_sample(run, all_select, documents)
+    evaluation = read_sample(run, mixed)
     usage = runs.measure(run, run.model, sample)["usage"]
     before = runs.measure(run, run.model, evaluation)
     rows_in = runs.sample_rows(run, sample) if args.merge_similarity else None
@@ -614,8 +634,7 @@ def run(args):
     all_select = os.path.join(args.work, "all.select.txt")
     selected = {d: read_documents(s, args.max_documents) for d, (s, _) in files.items()}
     documents = sum(len(docs) for docs in selected.values())
-    with open(all_select, "w", encoding="utf-8") as f:
-        f.write("\n".join("\n".join(doc) + "\n" for docs in selected.values() for doc in docs))
+    write_documents(all_select, [doc for docs in selected.values() for doc in docs])
     result = {
         "benchmark": "modularity", "issue": 27, "note": NOTE,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},

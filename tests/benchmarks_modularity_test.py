@@ -163,13 +163,17 @@ def test_runner_end_to_end_figures_agree_with_the_pipelines(experiment, tmp_path
     all_select = written["all_select"]
     assert len(read_documents(all_select["path"], 10**9)) == all_select["documents"] == 10
     # Prune and merge on the standard model only; "before" is the mixed-text
-    # perplexity that `lm evaluate` gives at the trained k.
+    # perplexity that `lm evaluate` gives on its lines (these runs do not
+    # use document rows, so the blank lines are left out).
     surgery = written["models"]["standard"]["surgery"]
     assert "surgery" not in written["models"]["pooled"]
     assert [(r["command"], r["value"]) for r in surgery["rows"]] == [("prune", 0.05),
                                                                       ("merge", 0.99)]
     standard = written["models"]["standard"]
-    assert surgery["before"] == pytest.approx(standard["inference_k"]["perplexity"], rel=1e-6)
+    stripped = tmp_path / "mixed.txt"
+    stripped.write_text("".join(line for line in open(mixed["path"]) if line.strip()))
+    assert surgery["before"] == pytest.approx(
+        lm_train.evaluate(runs["standard"], str(stripped))["perplexity"], rel=1e-6)
     # The same figures as the `experts` commands on the same files.
     entry = standard["domains"]["farm"]
     report = commands.select(runs["standard"], str(data / "valid" / "farm.select.txt"),
@@ -194,3 +198,17 @@ def test_runner_end_to_end_figures_agree_with_the_pipelines(experiment, tmp_path
     for heading in ("Per-domain perplexity", "Inference-time k'", "Pruning and merging",
                     "File sizes", "Domain clusters", "Targets"):
         assert heading in written["summary"]
+
+
+def test_document_rows_runs_see_a_blank_line_after_each_document(tmp_path):
+    import types
+
+    path = _write_documents(tmp_path / "d.txt", DOMAIN_WORDS["sea"], 3, 0)
+    documents = read_documents(path, 2)
+    run = types.SimpleNamespace(config=types.SimpleNamespace(
+        data=types.SimpleNamespace(document_rows=True)))
+    sample = bench.read_sample(run, path, 2)
+    assert sample.documents == 2
+    assert sample.lines == [*documents[0], "", *documents[1], ""]
+    bench.write_documents(tmp_path / "copy.txt", documents)
+    assert read_documents(str(tmp_path / "copy.txt")) == documents
