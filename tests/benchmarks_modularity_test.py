@@ -15,15 +15,15 @@ from tests.conftest import REPO_ROOT
 from tests.pipelines.lm.train_test import TINY
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "modularity", REPO_ROOT / "benchmarks" / "modularity.py")
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load()
+bench = _load("modularity")
+analysis = bench.report  # benchmarks/modularity_report.py, as the runner loads it
 
 # 4 experts x 2 domains. Column sums 8 and 4, so the shares are
 # S = [[.75, 0], [.25, .25], [0, .75], [0, 0]].
@@ -32,24 +32,31 @@ COUNTS = [[6, 0], [2, 1], [0, 3], [0, 0]]
 
 def test_concentration_purity_and_overlap_by_hand():
     # 25% of 4 experts = 1: each domain's best expert holds 0.75 of it.
-    assert bench.concentration(COUNTS, 0.25) == pytest.approx([0.75, 0.75])
-    assert bench.concentration(COUNTS, 0.5) == pytest.approx([1.0, 1.0])
+    assert analysis.concentration(COUNTS, 0.25) == pytest.approx([0.75, 0.75])
+    assert analysis.concentration(COUNTS, 0.5) == pytest.approx([1.0, 1.0])
     # Used experts 0, 1, 2: 0.75 / 0.75, 0.25 / 0.5, 0.75 / 0.75; expert 3 has no pair.
-    assert bench.purity(COUNTS) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert analysis.purity(COUNTS) == pytest.approx((1 + 0.5 + 1) / 3)
     # Top sets {0} and {2}: disjoint; at 50%, {0, 1} and {2, 1}: 1 of 3.
-    assert bench.overlap(COUNTS, 0.25) == 0.0
-    assert bench.overlap(COUNTS, 0.5) == pytest.approx(1 / 3)
-    metrics = bench.cluster_metrics(COUNTS, ["a", "b"])
+    assert analysis.overlap(COUNTS, 0.25) == 0.0
+    assert analysis.overlap(COUNTS, 0.5) == pytest.approx(1 / 3)
+    metrics = analysis.cluster_metrics(COUNTS, ["a", "b"])
     assert metrics["concentration"] == pytest.approx({"a": 0.75, "b": 0.75})
     assert metrics["experts_counted"] == 1 and metrics["uniform_concentration"] == 0.25
     assert metrics["uniform_purity"] == 0.5
 
 
+def test_docstring_examples():
+    import doctest
+
+    results = doctest.testmod(analysis)
+    assert results.failed == 0 and results.attempted >= 2
+
+
 def test_uniform_usage_gives_the_uniform_values():
     counts = np.full((8, 3), 5)
-    assert bench.concentration(counts, 0.25) == pytest.approx([0.25] * 3)
-    assert bench.purity(counts) == pytest.approx(1 / 3)
-    assert bench.overlap(counts, 0.25) == 1.0  # every domain's top 2 are the same (ties)
+    assert analysis.concentration(counts, 0.25) == pytest.approx([0.25] * 3)
+    assert analysis.purity(counts) == pytest.approx(1 / 3)
+    assert analysis.overlap(counts, 0.25) == 1.0  # every domain's top 2 are the same (ties)
 
 
 def _model(full, changes, concentration, purity):
@@ -63,11 +70,11 @@ def _model(full, changes, concentration, purity):
 def test_targets_met_and_missed():
     std = _model(100.0, {"a": 0.12, "b": 0.10}, 0.4, 0.3)
     pool = _model(101.5, {"a": 0.01, "b": 0.03}, 0.8, 0.6)
-    rows = bench.targets({"models": {"standard": std, "pooled": pool}})
+    rows = analysis.targets({"models": {"standard": std, "pooled": pool}})
     assert [r["met"] for r in rows] == [True, True, True, True]
     std = _model(100.0, {"a": 0.12, "b": 0.09}, 0.4, 0.3)  # b loses under 10%
     pool = _model(102.5, {"a": 0.01, "b": 0.031}, 0.8, 0.45)  # 2.5% worse; b over 3%; purity
-    rows = bench.targets({"models": {"standard": std, "pooled": pool}})
+    rows = analysis.targets({"models": {"standard": std, "pooled": pool}})
     assert [r["met"] for r in rows] == [False, False, False, False]
     assert "+2.5%" in rows[0]["detail"] and "b +3.1%" in rows[1]["detail"]
 
@@ -147,7 +154,7 @@ def test_runner_end_to_end_figures_agree_with_the_pipelines(experiment, tmp_path
         shares = np.asarray(layer["shares"])
         for column, domain in enumerate(DOMAIN_WORDS):
             np.testing.assert_allclose(shares[:, column], model["domains"][domain]["usage"]["moe"])
-        expected = bench.cluster_metrics(shares, list(DOMAIN_WORDS))
+        expected = analysis.cluster_metrics(shares, list(DOMAIN_WORDS))
         assert layer["concentration"] == pytest.approx(expected.pop("concentration"))
         assert {key: layer[key] for key in expected} == pytest.approx(expected)
         png = (base / "images" / f"modularity-heatmap-{name}.png").read_bytes()
