@@ -254,7 +254,10 @@ def summary(result):
     parts.append(_table(["model", "layer", "concentration@25%", "purity", "top-25% overlap",
                          "per domain"], rows))
     parts.append("## Targets")
-    for t in result["targets"]:
-        state = {True: "met", False: "missed", None: "not measured"}[t["met"]]
-        parts.append(f"- {state}: {t['target']} ({t['detail']})")
+    states = {True: "met", False: "missed", None: "not measured"}
+    parts.append("\n".join(f"- {states[t['met']]}: {t['target']} ({t['detail']})"
+                           for t in result["targets"]))
+    seconds = result.get("seconds", {}).get("total")
+    if seconds is not None:
+        parts.append(f"Run time {seconds / 60:.1f} min; {result.get('note', '')}.")
     return "\n\n".join(parts)
