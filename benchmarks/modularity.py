@@ -39,9 +39,8 @@ which can move a few pairs).
 
 Documents. For a run trained with `data.document_rows` every document is
 followed by a blank line, so no evaluation window crosses two documents
-(as `keras-moe lm evaluate` reads the files); `runs.read_sample`, which
-the `experts` commands use, joins the documents' lines, so on such a run
-the commands' figures differ from these a little.
+(as `keras-moe lm evaluate` reads the files, and as `runs.read_sample`,
+which the `experts` commands use, reads them for such a run).
 
 The mixed text is `DIR/valid.txt`, or with `--mixed-max-words N` (the
 default) an evenly spaced sample of its documents of about N words,
