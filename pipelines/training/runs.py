@@ -164,7 +164,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         # First at an epoch's end: the time is noted before the backup of that
         # step is written, so a resumed run always finds its step's time.
         TrainingClock(run, train.time_limit_minutes,
-                      at_evaluation=train.time_limit_at_evaluation),
+                      # A `train` object of an older shape has no such key: off.
+                      at_evaluation=getattr(train, "time_limit_at_evaluation", False)),
         StepLimit(train.steps),
         # Before the guard, the logger and checkpoints, which read the values it adds.
         validation,
