@@ -176,6 +176,9 @@ def test_tables_gaps_missing_budgets_ablation_seeds_and_wikipedia(runs, tmp_path
     assert _row(table5, "MoE-16")[1] == "1,100.0 (+10.0%)"
 
 
+# Slow: a fresh environment's first matplotlib import builds its font cache
+# (71 s of `make test` under load); `make test-slow` runs it.
+@pytest.mark.slow
 def test_figures_are_written(runs, tmp_path):
     pytest.importorskip("matplotlib", reason="the figures need matplotlib (the plots extra)")
     bench = _load()
