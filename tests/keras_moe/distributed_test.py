@@ -31,6 +31,12 @@ from tests.conftest import REPO_ROOT, run_to_completion
 
 SCRIPT = REPO_ROOT / "tests" / "keras_moe" / "mirrored_script.py"
 
+# Slow: the script's new process with 4 logical devices takes 80-90 s of a
+# 2-core `make test` (its longest setup); `make test-slow` and CI run it, and
+# tests/pipelines/training/distribution_test.py keeps real strategies in
+# `make test`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

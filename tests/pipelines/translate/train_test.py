@@ -179,6 +179,9 @@ def test_cli_evaluate_scores_files_and_writes_hypotheses(cli_run, corpus, tmp_pa
     assert json.loads(scored.stdout)["bleu"] == pytest.approx(result["bleu"])
 
 
+# Slow: a `translate run` process reading stdin (34-77 s of `make test`);
+# the other CLI tests here keep `translate train/evaluate` in `make test`.
+@pytest.mark.slow
 def test_cli_run_translates_stdin_line_by_line(cli_run, corpus):
     run_dir, _ = cli_run
     source = lines(corpus["test"]["en"])[:5]
