@@ -455,6 +455,17 @@ def _presence_note(data):
     return note
 
 
+def _finish(plt, fig, ax, path):
+    """Legend (when anything is labelled), grid, saved to `path`, closed; returns `path`."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(data, images):
     """Writes the two PNGs into `images`; returns their paths."""
     import matplotlib
@@ -479,13 +490,7 @@ def plot(data, images):
     ax.set_ylabel("validation perplexity per word (log scale)")
     ax.set_title("Gutenberg, one pass: validation perplexity by tokens seen"
                  + (f"\n({note})" if note else ""), fontsize=10)
-    if runs:
-        ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    paths.append(os.path.join(images, "gutenberg-ppl-vs-tokens.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, os.path.join(images, "gutenberg-ppl-vs-tokens.png")))
 
     budget = data["experts_figure_budget"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -517,13 +522,7 @@ def plot(data, images):
     notes = "; ".join(filter(None, [note, guessed and "interpolated: " + ", ".join(guessed)]))
     ax.set_title(f"Gutenberg: perplexity by number of experts, {at}"
                  + (f"\n({notes})" if notes else ""), fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    paths.append(os.path.join(images, "gutenberg-ppl-vs-experts.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(plt, fig, ax, os.path.join(images, "gutenberg-ppl-vs-experts.png")))
     return paths
 
 

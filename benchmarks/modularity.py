@@ -157,7 +157,6 @@ def read_sample(run, path, max_documents=10**9):
     if getattr(run.config.data, "document_rows", False):
         return runs.Sample(len(documents), lines=[x for doc in documents for x in [*doc, ""]])
     return runs.read_sample(run, path, max_documents=max_documents)
-    return path
 
 
 def mixed_text(valid, out, max_words):
