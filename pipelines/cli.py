@@ -478,13 +478,30 @@ def main(argv=None):
             from keras_moe.pipelines.experts.cli import run as run_experts
             run_experts(args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, RuntimeError) as error:
-        sub = next((getattr(args, a) for a in ("lm_command", "translate_command",
-                    "reproduce_command") if getattr(args, a, None)), None)
-        command = " ".join(a for a in (args.command, sub) if a)
-        print(f"keras-moe {command}: error: {error}", file=sys.stderr)
+        print(f"keras-moe {_command_name(args)}: error: {error}", file=sys.stderr)
         # A run that trained but failed (training/guards.py) has its own code.
         return getattr(error, "exit_code", 2)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line instead of TensorFlow's traceback. Nothing is
+        # lost that a resume needs: a training run's state on disk is its
+        # last evaluation's backup, written atomically.
+        message = f"keras-moe {_command_name(args)}: interrupted"
+        if getattr(args, "run_dir", None) and "train" in _command_name(args):
+            message += (f"; the same command resumes {args.run_dir} from its last evaluation "
+                        "(or starts it again if it made none)")
+        print(message, file=sys.stderr)
+        return INTERRUPTED
     return 0
+
+
+# The shell's code for a command ended by SIGINT (128 + 2).
+INTERRUPTED = 130
+
+
+def _command_name(args):
+    sub = next((getattr(args, a) for a in ("lm_command", "translate_command",
+                "reproduce_command") if getattr(args, a, None)), None)
+    return " ".join(a for a in (args.command, sub) if a)
 
 
 if __name__ == "__main__":

@@ -397,3 +397,40 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
     acc.Reload()
     resumed = [e.step for e in acc.Tensors("batch_loss") if e.wall_time > killed_at]
     assert resumed == list(range(10 * backed_up + 1, 41)), (backed_up, resumed)
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_keeps_its_backup(tmp_path, corpus):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    sets += ["--set", "train.steps=100000", "--set", "train.steps_per_eval=10"]
+    args = [f"data.train={corpus['train']}", f"data.valid={corpus['valid']}"]
+    sets += [a for item in args for a in ("--set", item)]
+    cmd = [sys.executable, "-m", "keras_moe.pipelines.cli", "lm", "train", *sets,
+           "--run-dir", str(run_dir)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    history = run_dir / "history.csv"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run finished or failed before it could be stopped"
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("keras-moe lm train: interrupted; the same command resumes"), last
+    assert str(run_dir) in last and "Traceback" not in stderr
+    # Nothing a resume needs was lost or half-written: the backup of an
+    # evaluation is there and no final model claims the run finished.
+    backed_up = json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"]
+    assert backed_up >= 1 and not (run_dir / "model.keras").exists()
