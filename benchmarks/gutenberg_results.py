@@ -32,7 +32,8 @@ tables as Markdown:
    `keras-moe lm evaluate --run-dir RUNS/<name> --data <wikipedia valid> --out
    RUNS/<name>/wikipedia.json`.
 
-It draws `gutenberg-ppl-vs-tokens.png` (one line per model) and
+It draws `gutenberg-ppl-vs-tokens.png` (one line per model, and below
+them each model's gap to dense at the same tokens, `gap_curve`) and
 `gutenberg-ppl-vs-experts.png` (perplexity at the largest budget every
 present run reached, against the number of experts; dense and the floor
 as horizontal lines) with matplotlib (the `plots` extra), and writes every
@@ -248,6 +249,7 @@ def collect(runs_root, names, throughput=None):
                                          dense and dense["budgets"][b]["perplexity"])
                           for b in map(str, BUDGETS)}
         record["gaps"]["whole_valid"] = _whole_gap(record, dense)
+        record["gap_curve"] = gap_curve(record, dense) if record is not dense else []
     bench = {}
     if throughput and os.path.exists(throughput):
         with open(throughput, encoding="utf-8") as f:
@@ -275,6 +277,26 @@ def collect(runs_root, names, throughput=None):
         # The budget of the experts figure (a str key of `budgets`), None when none is common.
         "experts_figure_budget": largest_common_budget(list(runs.values())),
     }
+
+
+def gap_curve(record, dense):
+    """`[{tokens, gap_percent}, ...]`: the run's every evaluation against dense at the same tokens.
+
+    Dense is read at each of the run's evaluation points with `at_budget`
+    (measured there, or interpolated between its evaluations around it),
+    so runs that evaluated at different steps still compare at equal data.
+    Points dense did not reach are left out.
+    """
+    if not dense:
+        return []
+    theirs = [(p["tokens"], p["val_perplexity"]) for p in dense["curve"]]
+    points = []
+    for p in record["curve"]:
+        value, _ = at_budget(theirs, p["tokens"])
+        if value is not None:
+            points.append({"tokens": p["tokens"],
+                           "gap_percent": gap_percent(p["val_perplexity"], value)})
+    return points
 
 
 def _whole_gap(record, dense):
@@ -478,16 +500,26 @@ def plot(data, images):
     runs = list(data["runs"].values())
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Above, the curves; below, each model's gap to dense at the same tokens
+    # (the paper's Figure 2, left, shows the gap growing with data seen).
+    fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True,
+                                     gridspec_kw={"height_ratios": [2, 1]})
     for r in runs:
         xs = [p["tokens"] / 1e6 for p in r["curve"]]
         ys = [p["val_perplexity"] for p in r["curve"]]
         text = r["label"] + (f" (to {millions(r['tokens_seen'])})" if r["partial"] else "")
-        ax.plot(xs, ys, marker="o", markersize=3, label=text,
-                linestyle="--" if r["name"] == FLOOR else "-")
+        style = "--" if r["name"] == FLOOR else "-"
+        line, = ax.plot(xs, ys, marker="o", markersize=3, label=text, linestyle=style)
+        if r["gap_curve"]:
+            gap_ax.plot([p["tokens"] / 1e6 for p in r["gap_curve"]],
+                        [p["gap_percent"] for p in r["gap_curve"]], marker="o", markersize=3,
+                        linestyle=style, color=line.get_color())
+    gap_ax.axhline(0.0, color="gray", linewidth=1)
     ax.set_yscale("log")
-    ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation perplexity per word (log scale)")
+    gap_ax.set_xlabel("training tokens (millions)")
+    gap_ax.set_ylabel("gap to dense (%)\n(below 0: better)")
+    gap_ax.grid(True, alpha=0.3)
     ax.set_title("Gutenberg, one pass: validation perplexity by tokens seen"
                  + (f"\n({note})" if note else ""), fontsize=10)
     paths.append(_finish(plt, fig, ax, os.path.join(images, "gutenberg-ppl-vs-tokens.png")))

@@ -194,6 +194,28 @@ def test_figures_are_written(runs, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["experts_figure_budget"] == "30000000"
 
 
+def test_gap_curve_compares_every_evaluation_with_dense_at_equal_tokens(runs, tmp_path):
+    bench = _load()
+    root, throughput = runs
+    out = tmp_path / "r.json"
+    assert bench.main(["--runs", str(root), "--images", str(tmp_path / "images"),
+                       "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["runs"]
+    assert data["gutenberg-dense"]["gap_curve"] == []
+    # MoE-16 evaluated where dense did: 2100/2000, 1500/1500, 950/1000, ..., 540/600.
+    moe16 = {p["tokens"]: p["gap_percent"] for p in data["gutenberg-moe-16"]["gap_curve"]}
+    assert sorted(moe16) == [5e6 * i for i in range(1, 13)]
+    expected = {5e6: 5.0, 10e6: 0.0, 15e6: -5.0, 30e6: -8.0, 60e6: -10.0}
+    assert {t: moe16[t] for t in expected} == pytest.approx(expected)
+    # MoE-256's evaluation at step 4,573 (22.865M tokens) falls between dense's
+    # at 20M (900) and 25M (850): dense there is geometric in tokens.
+    w = math.log(22.865 / 20) / math.log(25 / 20)
+    dense_there = 900.0 ** (1 - w) * 850.0 ** w
+    moe256 = {p["tokens"]: p["gap_percent"] for p in data["gutenberg-moe-256"]["gap_curve"]}
+    assert moe256[22.865e6] == pytest.approx(100 * (950.0 / dense_there - 1))
+    assert moe256[5e6] == pytest.approx(25.0)  # 2500 / 2000
+
+
 def test_missing_runs_directory_is_one_line_exit_2(tmp_path, capsys):
     bench = _load()
     assert bench.main(["--runs", str(tmp_path / "nothing"), "--json",
