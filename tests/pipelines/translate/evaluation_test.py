@@ -7,7 +7,6 @@ warnings); one 100k-character validation line held a run in validation for
 """
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -72,7 +71,7 @@ def test_limit_lines_keeps_whole_words_up_to_the_limit_and_says_which(vocab):
     assert evaluation.limit_lines(vocab, [long_line], None) == ([long_line], [])
 
 
-def test_a_100k_character_validation_line_is_cut_counted_and_scored_quickly(
+def test_a_100k_character_validation_line_is_cut_counted_and_scored(
         model, vocab, tmp_path):
     config = tiny_config(
         {s: {"en": "x", "de": "y"} for s in ("train", "valid", "test")}, "data.max_eval_pieces=24"
@@ -81,12 +80,12 @@ def test_a_100k_character_validation_line_is_cut_counted_and_scored_quickly(
     assert len(source) > 100_000
     target = " ".join(LEXICON[w] for w in source.split())
     pairs = [sentence(4), (source, target), sentence(6, 2)]
-    started = time.time()
     result = evaluation.score_split(model, vocab, config, pairs, "valid", str(tmp_path),
                                     beam_width=2)
-    # Uncut, the long pair alone is 22,000 source steps and up to 44,000
-    # decoding steps at beam 2; cut, the three pairs take a moment.
-    assert time.time() - started < 60
+    # Uncut, the long pair alone would be 22,000 source steps and up to
+    # 44,000 decoding steps at beam 2. That it was cut is checked by what
+    # was scored and decoded (below), not by a clock, which a busy machine
+    # (a CI clone beside a training run took 75 s) would fail.
     assert result["truncated"] == {"max_pieces": 24, "sources": 1, "references": 1}
     assert result["sentences"] == 3
     # Perplexity counts the cut reference: 24 pieces and its <eos>.
