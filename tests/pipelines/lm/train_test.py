@@ -342,29 +342,43 @@ def test_wordpiece_sentences_and_sampled_softmax_run(tmp_path, corpus):
     assert len(results["history"]["val_perplexity"]) == 2
 
 
-def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
-    import csv
-    import signal
+def _start_until_first_backup(tmp_path, corpus, steps):
+    """A `lm train` subprocess (evaluation every 10 steps), once its first evaluation is backed up.
+
+    Returns `(process, cmd, env, run_dir)`; the process is still running.
+    """
     import time
 
     run_dir = tmp_path / "run"
     sets = [arg for item in TINY for arg in ("--set", item)]
-    sets += ["--set", "train.steps=40", "--set", "train.steps_per_eval=10"]
+    sets += ["--set", f"train.steps={steps}", "--set", "train.steps_per_eval=10"]
     args = [f"data.train={corpus['train']}", f"data.valid={corpus['valid']}"]
     sets += [a for item in args for a in ("--set", item)]
     cmd = [sys.executable, "-m", "keras_moe.pipelines.cli", "lm", "train", *sets,
            "--run-dir", str(run_dir)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    history = run_dir / "history.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    if process.poll() is not None:
+        pytest.fail("the run finished or failed before it could be stopped")
+    return process, cmd, env, run_dir
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
+    import csv
+    import signal
+    import time
+
+    process, cmd, env, run_dir = _start_until_first_backup(tmp_path, corpus, steps=40)
     history = run_dir / "history.csv"
     try:
-        deadline = time.monotonic() + 240
-        # Kill it (no clean shutdown) once the first evaluation is backed up.
-        while time.monotonic() < deadline and process.poll() is None:
-            if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run finished or failed before it could be killed"
+        # Kill it (no clean shutdown) now that the first evaluation is backed up.
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -401,26 +415,9 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, corpus):
 
 def test_ctrl_c_ends_a_run_with_one_line_and_keeps_its_backup(tmp_path, corpus):
     import signal
-    import time
 
-    run_dir = tmp_path / "run"
-    sets = [arg for item in TINY for arg in ("--set", item)]
-    sets += ["--set", "train.steps=100000", "--set", "train.steps_per_eval=10"]
-    args = [f"data.train={corpus['train']}", f"data.valid={corpus['valid']}"]
-    sets += [a for item in args for a in ("--set", item)]
-    cmd = [sys.executable, "-m", "keras_moe.pipelines.cli", "lm", "train", *sets,
-           "--run-dir", str(run_dir)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    history = run_dir / "history.csv"
+    process, _, _, run_dir = _start_until_first_backup(tmp_path, corpus, steps=100000)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the run finished or failed before it could be stopped"
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, stderr = process.communicate(timeout=120)
     finally:
