@@ -485,8 +485,9 @@ def main(argv=None):
         # Ctrl-C: one line instead of TensorFlow's traceback. Nothing is
         # lost that a resume needs: a training run's state on disk is its
         # last evaluation's backup, written atomically.
-        message = f"keras-moe {_command_name(args)}: interrupted"
-        if getattr(args, "run_dir", None) and "train" in _command_name(args):
+        name = _command_name(args)
+        message = f"keras-moe {name}: interrupted"
+        if getattr(args, "run_dir", None) and name.endswith(" train"):
             message += (f"; the same command resumes {args.run_dir} from its last evaluation "
                         "(or starts it again if it made none)")
         print(message, file=sys.stderr)
