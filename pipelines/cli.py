@@ -7,27 +7,10 @@ chatter ("Could not find cuda drivers",
 """
 
 import dataclasses
-import os
 import sys
 
 from keras_moe.pipelines import progress
-from keras_moe.pipelines.command import CommandParser, load_tensorflow
-
-# Process-wide TensorFlow settings the command line wants (see
-# docs/performance.md). They must be in the environment before TensorFlow
-# starts, so when they are missing the command re-executes itself once.
-ENV_DEFAULTS = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _ensure_environment(argv):
-    defaults = dict(ENV_DEFAULTS)
-    if "--verbose" in argv:  # TensorFlow's own log level then
-        defaults.pop("TF_CPP_MIN_LOG_LEVEL")
-    missing = {k: v for k, v in defaults.items() if k not in os.environ}
-    if not missing or os.environ.get("KERAS_MOE_NO_REEXEC"):
-        return
-    env = {**os.environ, **missing, "KERAS_MOE_NO_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, "-m", "keras_moe.pipelines.cli", *argv], env)
+from keras_moe.pipelines.command import CommandParser, ensure_environment, load_tensorflow
 
 
 def _add_dataclass_flags(parser, cls):
@@ -452,7 +435,7 @@ def run_compare(args):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    _ensure_environment(argv)
+    ensure_environment(argv)
     args = build_parser().parse_args(argv)
     if args.quiet:
         progress.set_enabled(False)

@@ -4,7 +4,9 @@
 `CommandParser` (every (sub)command takes `--verbose` and `--quiet`; the
 tests walk `options` and `subcommands` to check that every option has help
 text) and calls `load_tensorflow` once the arguments are parsed, so that
-`--help` and argument errors never wait for TensorFlow. `load_tensorflow`
+`--help` and argument errors never wait for TensorFlow. Before anything,
+`ensure_environment` puts the process-wide TensorFlow settings in place
+(re-executing the command once if it must). `load_tensorflow`
 also starts `filter_native_log`, which drops the few native log lines
 TensorFlow prints *after* start-up that are known to be harmless.
 """
@@ -13,6 +15,23 @@ import argparse
 import os
 import subprocess
 import sys
+
+# Process-wide TensorFlow settings the command line wants (see
+# docs/performance.md). They must be in the environment before TensorFlow
+# starts, so when they are missing the command re-executes itself once.
+ENV_DEFAULTS = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def ensure_environment(argv):
+    """Re-execute this command once when `ENV_DEFAULTS` are missing from the environment."""
+    defaults = dict(ENV_DEFAULTS)
+    if "--verbose" in argv:  # TensorFlow's own log level then
+        defaults.pop("TF_CPP_MIN_LOG_LEVEL")
+    missing = {k: v for k, v in defaults.items() if k not in os.environ}
+    if not missing or os.environ.get("KERAS_MOE_NO_REEXEC"):
+        return
+    env = {**os.environ, **missing, "KERAS_MOE_NO_REEXEC": "1"}
+    os.execve(sys.executable, [sys.executable, "-m", "keras_moe.pipelines.cli", *argv], env)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -184,3 +184,35 @@ class TokenBudget(keras.callbacks.Callback):
             for key, value in sorted(values.items()):
                 tf.summary.scalar(f"tokens/{key}", float(value), step=self.tokens)
         self._writer.flush()
+
+
+class StepLimit(keras.callbacks.Callback):
+    """Stops training once the optimizer has made `steps` steps.
+
+    `fit` runs whole evaluation rounds, so without it a run continued from
+    a step inside a round (one its time limit stopped) would overrun
+    `train.steps` by the part of a round it had already done. Its stop is
+    a budget reached (`budget_reached`, see `guards.check_finished`).
+    """
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+        self.step = None
+        self.budget_reached = False
+
+    def on_train_begin(self, logs=None):
+        self.step = None
+        self.budget_reached = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step is None:
+            # Read once, after the backup is restored; then counted here, so
+            # that no batch waits on a read of the optimizer's variable.
+            self.step = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step >= self.steps:
+            self.model.stop_training = True
+            self.budget_reached = True

@@ -24,7 +24,7 @@ restart resumes into the same failure. The pieces:
 A callback that ends training on purpose before `train.steps` (a time
 limit: `runs.TrainingClock`; a token budget) says so by setting its
 public attribute `budget_reached = True` when it sets
-`model.stop_training`; `runs.StepLimit` sets it too. Keras's
+`model.stop_training`; `budget.StepLimit` sets it too. Keras's
 `EarlyStopping` is recognised by its `stopped_epoch`.
 """
 

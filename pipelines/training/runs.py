@@ -18,8 +18,8 @@ pipelines train with; every path comes from `rundir.RunDir`:
   intact checkpoint), then `model.keras`, only for a run that made its
   steps (`guards.check_finished`);
 - `TrainingClock`: the run's training time, counted across resumes and
-  continuations, logged as `elapsed_minutes`, and its limit; `StepLimit`:
-  the end at `train.steps` exactly;
+  continuations, logged as `elapsed_minutes`, and its limit (the end at
+  `train.steps` exactly is `budget.StepLimit`);
 - `HistoryLogger`: `history.csv`, one row per evaluation, columns kept
   aligned when a resumed run logs other values.
 
@@ -51,7 +51,7 @@ from keras_moe.pipelines.training.backup import (  # noqa: F401 (write_backup, r
     resume_step,
     write_backup,
 )
-from keras_moe.pipelines.training.budget import TokenBudget
+from keras_moe.pipelines.training.budget import StepLimit, TokenBudget
 from keras_moe.pipelines.training.rundir import RunDir
 from keras_moe.pipelines.training.step_progress import StepProgress
 from keras_moe.pipelines.training.summaries import RunSummaries
@@ -417,38 +417,6 @@ class TrainingClock(keras.callbacks.Callback):
                 self.model.stop_training = True
                 self.stopped_at_step = step
                 self.budget_reached = True
-
-
-class StepLimit(keras.callbacks.Callback):
-    """Stops training once the optimizer has made `steps` steps.
-
-    `fit` runs whole evaluation rounds, so without it a run continued from
-    a step inside a round (one its time limit stopped) would overrun
-    `train.steps` by the part of a round it had already done. Its stop is
-    a budget reached (`budget_reached`, see `guards.check_finished`).
-    """
-
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = steps
-        self.step = None
-        self.budget_reached = False
-
-    def on_train_begin(self, logs=None):
-        self.step = None
-        self.budget_reached = False
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.step is None:
-            # Read once, after the backup is restored; then counted here, so
-            # that no batch waits on a read of the optimizer's variable.
-            self.step = int(self.model.optimizer.iterations.numpy())
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step >= self.steps:
-            self.model.stop_training = True
-            self.budget_reached = True
 
 
 class HistoryLogger(keras.callbacks.Callback):

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_moe.pipelines.training.budget import TokenBudget, budget_steps
-from keras_moe.pipelines.training.runs import StepLimit
+from keras_moe.pipelines.training.budget import StepLimit, TokenBudget, budget_steps
 
 
 def model_and_data(n):

@@ -30,8 +30,9 @@ from keras_moe.pipelines.training.backup import (
     load_model_file,
     resume_point,
 )
+from keras_moe.pipelines.training.budget import StepLimit
 from keras_moe.pipelines.training.rundir import RunDir
-from keras_moe.pipelines.training.runs import StepLimit, TrainingClock, fit_and_save, run_callbacks
+from keras_moe.pipelines.training.runs import TrainingClock, fit_and_save, run_callbacks
 from keras_moe.pipelines.translate import train as translate_train
 from keras_moe.pipelines.translate.config import TranslateConfig
 from tests.pipelines.lm.train_test import TINY, write_corpus

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_moe.pipelines.training.budget import StepLimit
 from keras_moe.pipelines.training.runs import (
     HistoryLogger,
-    StepLimit,
     TrainingClock,
     backup_and_restore,
     fit_and_save,
