@@ -118,7 +118,8 @@ def load_tensorflow(verbose=False):
 # Native log lines TensorFlow prints after start-up that say nothing a user
 # can act on (regular expressions, searched in each line of standard error):
 # - oneDNN's notice, at ERROR level, the first time a graph transposes a
-#   bool tensor on a CPU without AVX-512. Keras's RNN does that with the
+#   bool tensor (seen on this project's CPU, which reports AVX512F: the
+#   check wants more than that). Keras's RNN does that with the
 #   `[batch, time]` mask of every LSTM fed by `Embedding(mask_zero=True)`,
 #   and TensorFlow falls back to its Eigen kernel, as it says. Only
 #   `TF_CPP_MIN_LOG_LEVEL=3` would hide it, and that hides real C++ errors.
