@@ -17,7 +17,7 @@ held-out documents), this measures for each model:
    (`experts.heatmap.draw_png`, rows in `domains.expert_order`), copied to
    `--images/modularity-heatmap-<model>.png`, and the cluster metrics below;
 3. for the standard model (both with `--prune-pooled`): pruning by usage
-   (`surgery.prune_model` per `--prune-threshold`) and merging
+   (`pruning.prune_model` per `--prune-threshold`) and merging
    (`merging.merge_model`, mode average, gate busier, per
    `--merge-similarity`), with the usage of all domains' select documents
    together (`WORK/all.select.txt`), the perplexity on the mixed text
@@ -83,7 +83,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from keras_moe import merging, surgery  # noqa: E402
+from keras_moe import merging, pruning, surgery  # noqa: E402
 from keras_moe.monitoring import find_moe_layers  # noqa: E402
 from keras_moe.pipelines.experts import commands, runs  # noqa: E402
 from keras_moe.pipelines.experts import heatmap as heatmap_lib  # noqa: E402
@@ -316,7 +316,7 @@ def prune_and_merge(name, run, all_select, documents, mixed, args, progress):
     for command, value in settings:
         where = os.path.join(args.work, f"{name}-{command}-{value:g}")
         if command == "prune":
-            made = _guarded(progress, f"{name} prune {value:g}", surgery.prune_model,
+            made = _guarded(progress, f"{name} prune {value:g}", pruning.prune_model,
                             run.model, usage, value)
         else:
             made = _guarded(progress, f"{name} merge {value:g}", merging.merge_model,

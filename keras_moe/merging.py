@@ -20,13 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_moe.moe import MoE  # noqa: F401 (the example's)
+from keras_moe.pruning import check_counts, check_threshold, layer_entry
 from keras_moe.surgery import (
     GATE_MODES,
     MERGE_MODES,
-    check_counts,
     check_flat,
-    check_threshold,
-    layer_entry,
     moe_layers,
     regroup_layer,
     regroup_model,

@@ -46,6 +46,7 @@ MODULES = [
     "keras_moe.pipelines.inspection.page",
     "keras_moe.pipelines.inspection.domains",
     "keras_moe.surgery",
+    "keras_moe.pruning",
     "keras_moe.merging",
     "keras_moe.alarms",
     "keras_moe.pipelines.training.budget",

@@ -15,7 +15,7 @@ loading each file.
 - `select`: keep the `keep` fraction of experts most used by the documents
   (a domain), the same number in every MoE layer;
 - `prune`: remove experts whose usage share is under `threshold`
-  (`keras_moe.surgery.prune_model`);
+  (`keras_moe.pruning.prune_model`);
 - `merge`: merge experts whose outputs on the documents' rows have cosine
   similarity `>= similarity` (`keras_moe.merging.merge_model`).
 
@@ -31,7 +31,7 @@ import tempfile
 
 import numpy as np
 
-from keras_moe import merging, surgery
+from keras_moe import merging, pruning, surgery
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines.experts import runs
 
@@ -121,7 +121,7 @@ def prune(run_dir, data, threshold, out=None, **options):
     _check_fraction("threshold", threshold, low_open=False)
 
     def transform(run, sample, usage):
-        model, kept = surgery.prune_model(run.model, usage, threshold)
+        model, kept = pruning.prune_model(run.model, usage, threshold)
         return model, {"kept": kept}
 
     return _operate("prune", run_dir, data, out, transform, {"threshold": threshold}, **options)

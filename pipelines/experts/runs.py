@@ -20,7 +20,7 @@ sentence pair (the decoder's routing needs the reference).
 import dataclasses
 import os
 
-from keras_moe import surgery
+from keras_moe import pruning, surgery
 from keras_moe.monitoring import find_moe_layers
 from keras_moe.pipelines import config as config_lib
 from keras_moe.pipelines.data import parallel_corpora
@@ -135,7 +135,7 @@ def sample_rows(run, sample, batches=SAMPLE_BATCHES):
         for inputs in chosen:
             run.model(inputs, training=False)
 
-    return {name: r["rows"] for name, r in surgery.record_routing(run.model, call).items()}
+    return {name: r["rows"] for name, r in pruning.record_routing(run.model, call).items()}
 
 
 def check_out(out):

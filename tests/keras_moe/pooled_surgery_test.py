@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_moe
-from keras_moe import surgery
+from keras_moe import pruning, surgery
 from keras_moe.models.lm import LanguageModel
 from keras_moe.monitoring import find_moe_layers
 from tests.keras_moe import reference as ref
@@ -88,7 +88,7 @@ def test_subset_merge_and_prune_clamp_the_pool_size_and_its_range():
     merged = surgery.regroup_layer(layer, [[0, 1, 2], [3, 4], [5], [6, 7]],
                                    counts=np.arange(8.0))
     assert (merged.num_experts, merged.pool_size, merged.pool_size_range) == (4, 4, (3, 4))
-    pruned, kept = surgery.prune_layer(layer, [9, 0, 9, 0, 9, 0, 0, 9], threshold=0.1)
+    pruned, kept = pruning.prune_layer(layer, [9, 0, 9, 0, 9, 0, 0, 9], threshold=0.1)
     assert kept == [0, 2, 4, 7] and (pruned.pool_size, pruned.pool_size_range) == (4, (3, 4))
     assert surgery.clamp_pools({"pool_size": None, "pool_size_range": None}, 2) == {
         "pool_size": None, "pool_size_range": None}
@@ -120,7 +120,7 @@ def test_language_model_surgery_writes_the_clamped_pools_into_the_model_config()
                                    counts={"moe": np.arange(8.0)})
     assert (merged.get_config()["pool_size"], merged.get_config()["pool_size_range"]) == (
         4, [3, 4])
-    pruned, kept = surgery.prune_model(model, {"moe": [0, 9, 0, 9, 9, 0, 9, 0]}, 0.1)
+    pruned, kept = pruning.prune_model(model, {"moe": [0, 9, 0, 9, 9, 0, 9, 0]}, 0.1)
     assert kept == {"moe": [1, 3, 4, 6]} and pruned.get_config()["pool_size"] == 4
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_moe
-from keras_moe import merging, surgery
+from keras_moe import merging, pruning, surgery
 from keras_moe.models.lm import LanguageModel
 from tests.keras_moe import reference as ref
 
@@ -152,31 +152,31 @@ def counted_layer():
 
 def test_record_routing_counts_and_prune_removes_exactly_the_under_threshold_experts():
     layer, x, per_expert = counted_layer()
-    recorded = surgery.record_routing(layer, lambda: layer(x))[layer.name]
+    recorded = pruning.record_routing(layer, lambda: layer(x))[layer.name]
     np.testing.assert_array_equal(recorded["counts"], per_expert)
     np.testing.assert_array_equal(recorded["rows"], x)
     assert not layer.routing_observers  # removed again
     # Shares 0.5, 0.05, 0.25, 0, 0.2: a share equal to the threshold is kept.
     for threshold, expected in ((0.1, [0, 2, 4]), (0.2, [0, 2, 4]), (0.21, [0, 2]),
                                 (0.0, [0, 1, 2, 3, 4]), (0.05, [0, 1, 2, 4])):
-        pruned, keep = surgery.prune_layer(layer, recorded["counts"], threshold)
+        pruned, keep = pruning.prune_layer(layer, recorded["counts"], threshold)
         assert keep == expected
         assert pruned.num_experts == len(expected)
         np.testing.assert_array_equal(pruned.experts.w_in, layer.experts.w_in.numpy()[expected])
     with pytest.raises(ValueError, match="every expert"):
-        surgery.prune_layer(layer, recorded["counts"], 0.9)
+        pruning.prune_layer(layer, recorded["counts"], 0.9)
     with pytest.raises(ValueError, match="threshold"):
-        surgery.prune_layer(layer, recorded["counts"], 1.5)
+        pruning.prune_layer(layer, recorded["counts"], 1.5)
 
 
 def test_prune_model_keeps_one_expert_count_for_all_layers():
     model = functional_model(4, k=1, layers=2)
     counts = {"moe_0": [9, 1, 0, 10], "moe_1": [5, 5, 5, 5]}
     # At 0.2: moe_0 keeps 2 experts (0, 3), moe_1 all 4; n = 4 everywhere.
-    small, keep = surgery.prune_model(model, counts, 0.2)
+    small, keep = pruning.prune_model(model, counts, 0.2)
     assert keep == {"moe_0": [0, 1, 2, 3], "moe_1": [0, 1, 2, 3]}
     # At 0.3: moe_0 keeps 0 and 3, moe_1 none, so n = 2 and moe_1 keeps its 2 busiest (ties: first).
-    small, keep = surgery.prune_model(model, counts, 0.3)
+    small, keep = pruning.prune_model(model, counts, 0.3)
     assert keep == {"moe_0": [0, 3], "moe_1": [0, 1]}
     assert small.get_layer("moe_1").num_experts == 2
 
@@ -193,7 +193,7 @@ def test_merging_identical_experts_keeps_the_outputs():
         value[tuple(index)] = value[tuple(source)]
         v.assign(value)
     x = np.random.default_rng(6).normal(size=(50, D)).astype("float32")
-    counts = surgery.record_routing(layer, lambda: layer(x))[layer.name]["counts"]
+    counts = pruning.record_routing(layer, lambda: layer(x))[layer.name]["counts"]
     assert counts[3] == 0 and counts[1] > 0  # ties go to the lower index
     for gate in merging.GATE_MODES:
         merged, clusters = merging.merge_layer(layer, x, counts, 0.999, "average", gate)
