@@ -19,6 +19,10 @@ import pathlib
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
+from keras_moe import _startup  # noqa: E402
+
+_startup.import_tensorflow_quietly()  # before keras, which would start TensorFlow loudly
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -18,6 +18,7 @@ import os
 import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
 
 from keras_moe.models import presets  # noqa: E402
 from keras_moe.pipelines import compare  # noqa: E402

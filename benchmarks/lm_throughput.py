@@ -43,6 +43,10 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
+from keras_moe import _startup  # noqa: E402
+
+_startup.import_tensorflow_quietly()  # before keras, which would start TensorFlow loudly
 # Kept, not handed back to the OS: see docs/performance.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
@@ -90,12 +94,12 @@ def measure(preset, args, overrides):
     weights = np.ones(shape, np.float32)
     ds = tf.data.Dataset.from_tensor_slices((tokens, targets, weights))
     ds = ds.batch(args.batch_size, drop_remainder=True).cache()
-    model.fit(ds.take(2), epochs=1, verbose=0)  # trace and warm up
+    model.fit(ds.take(2), epochs=1, verbose=0, shuffle=False)  # trace and warm up
     times, cpu = [], []
     load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
-        model.fit(ds, epochs=1, verbose=0)
+        model.fit(ds, epochs=1, verbose=0, shuffle=False)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     seconds = statistics.median(times)
@@ -292,4 +296,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Later harmless native lines too (the LSTM mask's oneDNN notice): as the CLI.
+    from keras_moe.pipelines.command import filter_native_log
+
+    filter_native_log()
     main(sys.argv[1:])

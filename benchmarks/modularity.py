@@ -80,6 +80,7 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
 
 import numpy as np  # noqa: E402
 
@@ -447,4 +448,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Later harmless native lines too (the LSTM mask's oneDNN notice): as the CLI.
+    from keras_moe.pipelines.command import filter_native_log
+
+    filter_native_log()
     main()

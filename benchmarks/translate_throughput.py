@@ -47,6 +47,10 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
+from keras_moe import _startup  # noqa: E402
+
+_startup.import_tensorflow_quietly()  # before keras, which would start TensorFlow loudly
 # Kept, not handed back to the OS: see docs/performance.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
@@ -261,4 +265,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Later harmless native lines too (the LSTM mask's oneDNN notice): as the CLI.
+    from keras_moe.pipelines.command import filter_native_log
+
+    filter_native_log()
     main(sys.argv[1:])

@@ -30,6 +30,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
 
 from keras_moe.pipelines.data import wordpiece_learner  # noqa: E402
 from keras_moe.pipelines.data.wordpiece import RESERVED, WordPieceVocabulary  # noqa: E402

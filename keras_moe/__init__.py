@@ -53,6 +53,13 @@ def __getattr__(name):
 
 
 if not _command_line():
+    # Scripts that print tables (benchmarks/) ask for TensorFlow's start-up
+    # C++ lines to be left out (keras_moe/_startup.py); a plain import
+    # shows them.
+    from keras_moe import _startup
+
+    if _startup.quiet_start_requested():
+        _startup.import_tensorflow_quietly()
     from keras_moe import losses, pools, statistics  # noqa: E402, F401
     from keras_moe.batchwise import BatchwiseGating  # noqa: E402, F401
     from keras_moe.expert_optimizer import ExpertParallelOptimizer  # noqa: E402, F401

@@ -85,25 +85,18 @@ def load_tensorflow(verbose=False):
     cuda drivers", oneDNN notices), and the CUDA probe of the first device
     query logs "failed call to cuInit" as an error on a machine without a
     GPU. Standard error is pointed at /dev/null at the file-descriptor level
-    for just those two steps; Python errors raised by them still show (they
-    are printed after it is restored). Past them, `filter_native_log` takes
+    for just those two steps (`keras_moe._startup.import_tensorflow_quietly`);
+    Python errors raised by them still show (they are printed after it is
+    restored). Past them, `filter_native_log` takes
     out the harmless native lines of `NATIVE_NOISE`. `verbose` keeps
     everything.
     """
     if verbose or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
     else:
-        sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        try:
-            import tensorflow as tf
+        from keras_moe import _startup
 
-            tf.config.list_physical_devices()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(null)
+        _startup.import_tensorflow_quietly()
         filter_native_log()
     # Every layer, optimizer and model class registered with Keras, as a
     # library import registers them (the command line imports `keras_moe`
