@@ -34,16 +34,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
-from keras_moe import _startup  # noqa: E402
-
-_startup.import_tensorflow_quietly()  # before keras, which would start TensorFlow loudly
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
+import keras_moe  # noqa: E402, I001 (before keras: with the variable set, TensorFlow starts quietly)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import keras_moe  # noqa: E402
 from keras_moe.optimizers import FactoredAdam  # noqa: E402
 
 MIB = 2**20

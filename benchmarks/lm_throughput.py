@@ -44,12 +44,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_MOE_QUIET_START", "1")  # no C++ start-up lines (keras_moe/_startup.py)
-from keras_moe import _startup  # noqa: E402
-
-_startup.import_tensorflow_quietly()  # before keras, which would start TensorFlow loudly
 # Kept, not handed back to the OS: see docs/performance.md.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
+import keras_moe  # noqa: E402, F401, I001 (before keras: with the variable set, it starts TensorFlow quietly)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
