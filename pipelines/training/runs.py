@@ -263,8 +263,9 @@ def extend_finished_run(config, run_dir):
     Allowed when `config` equals the run's `config.yaml` (the keys a
     resumption may change aside) and asks for more steps than the run made:
     either a larger `train.steps`, or the same `train.steps` for a run that
-    its `train.time_limit_minutes` stopped short of them, with a larger
-    limit. The finished `model.keras` (weights and optimizer state) becomes
+    its `train.time_limit_minutes` stopped short of them (inside a round,
+    or at an evaluation with `train.time_limit_at_evaluation`; see
+    `TrainingClock.limit_stopped`), with a larger limit. The finished `model.keras` (weights and optimizer state) becomes
     the backup that `RunBackup` resumes from, at the evaluation round
     its step count reached; the learning-rate schedule goes on from the
     optimizer's step, so the continued run is the longer run. A run stopped
@@ -287,8 +288,8 @@ def extend_finished_run(config, run_dir):
     old, new = _comparable(saved), _comparable(config)
     old_steps, new_steps = old["train"].pop("steps"), new["train"].pop("steps")
     seconds = TrainingClock.noted_seconds(run_dir)
-    limit = saved.train.time_limit_minutes
-    timed_out = limit is not None and seconds is not None and seconds >= 60.0 * limit
+    timed_out = TrainingClock.limit_stopped(run_dir, saved.train.time_limit_minutes,
+                                            saved.train.time_limit_at_evaluation)
     steps = None  # the finished run's, read below from its model
     if old == new and (new_steps > old_steps or (new_steps == old_steps and timed_out)):
         model = load_model_file(finished)
@@ -375,6 +376,26 @@ class TrainingClock(keras.callbacks.Callback):
         """The training time noted at the run's last evaluation, or None."""
         noted = TrainingClock.read_noted(run_dir)
         return noted[max(noted)] if noted else None
+
+    @staticmethod
+    def limit_stopped(run_dir, limit_minutes, at_evaluation=False):
+        """Whether a run's time limit can have stopped it, from its `elapsed.json`.
+
+        True when the time noted at its last evaluation has passed
+        `limit_minutes` (the batch-level stop), or, with `at_evaluation`,
+        when that time plus its last round's would have (the stop at an
+        evaluation: the round just ended predicts the next one, as in
+        `on_epoch_end`). False without a limit or a noted evaluation.
+        """
+        noted = TrainingClock.read_noted(run_dir)
+        if limit_minutes is None or not noted:
+            return False
+        steps = sorted(noted)
+        seconds, limit = noted[steps[-1]], 60.0 * limit_minutes
+        if seconds >= limit:
+            return True
+        previous = noted[steps[-2]] if len(steps) > 1 else 0.0
+        return bool(at_evaluation) and seconds + (seconds - previous) > limit
 
     def on_train_begin(self, logs=None):
         self.start = self.clock()

@@ -282,6 +282,14 @@ def test_the_limit_at_evaluation_stops_at_a_round_boundary(tmp_path):
     assert clock.stopped_at_step == 4 and clock.budget_reached
     assert int(model.optimizer.iterations.numpy()) == 4
     assert noted(tmp_path) == {"2": 20.0, "4": 40.0}
+    # Read back from elapsed.json alone (what `extend_finished_run` has):
+    # 40 s + the last round's 20 s = 60 s > 55 s, so this limit stopped it;
+    # the batch-level limit alone (40 s < 55 s) had not, nor had 85 s.
+    assert TrainingClock.limit_stopped(str(tmp_path), 55 / 60, at_evaluation=True)
+    assert not TrainingClock.limit_stopped(str(tmp_path), 55 / 60, at_evaluation=False)
+    assert not TrainingClock.limit_stopped(str(tmp_path), 85 / 60, at_evaluation=True)
+    assert TrainingClock.limit_stopped(str(tmp_path), 40 / 60)  # 40 s >= 40 s
+    assert not TrainingClock.limit_stopped(str(tmp_path), None, at_evaluation=True)
     # Resumed with 85 s: 40 s spent; rounds end at 60 s and 80 s; a third
     # would end at 100 s, so it stops at step 8, again a round boundary.
     clock = TrainingClock(str(tmp_path), limit_minutes=85 / 60, clock=fake, at_evaluation=True)
