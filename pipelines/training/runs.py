@@ -160,12 +160,13 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
     run = RunDir.wrap(run_dir)
     log_dir = run.tensorboard_dir
     os.makedirs(run.checkpoints_dir, exist_ok=True)
+    clock = TrainingClock(run, train.time_limit_minutes,
+                          # A `train` object of an older shape has no such key: off.
+                          at_evaluation=getattr(train, "time_limit_at_evaluation", False))
     callbacks = [
         # First at an epoch's end: the time is noted before the backup of that
         # step is written, so a resumed run always finds its step's time.
-        TrainingClock(run, train.time_limit_minutes,
-                      # A `train` object of an older shape has no such key: off.
-                      at_evaluation=getattr(train, "time_limit_at_evaluation", False)),
+        clock,
         StepLimit(train.steps),
         # Before the guard, the logger and checkpoints, which read the values it adds.
         validation,
@@ -190,7 +191,8 @@ def run_callbacks(run_dir, model, train, validation, monitor, mode, extra=()):
         # `batch_*` and every evaluation's `epoch_*` curves, at the optimizer's step.
         RunSummaries(log_dir, every_n_steps=train.monitor_every_n_steps),
         # Steps, loss, rates and evaluations (fit itself runs with verbose=0).
-        StepProgress(train.steps, train.verbose, time_limit_minutes=train.time_limit_minutes),
+        StepProgress(train.steps, train.verbose, time_limit_minutes=train.time_limit_minutes,
+                     elapsed=clock.elapsed_seconds),
     ]
     if find_moe_layers(model):
         callbacks.append(RoutingMonitor(log_dir, every_n_steps=train.monitor_every_n_steps))

@@ -42,12 +42,17 @@ class StepProgress(keras.callbacks.Callback):
             (`train.time_limit_minutes`): lines then show the minutes spent
             of it, since the time, not `total_steps`, ends such a run.
         clock: the time source (tests pass their own).
+        elapsed: optional; a function giving the run's training time in
+            seconds, earlier sittings included (`TrainingClock.elapsed_seconds`),
+            which is what the limit counts. Without it the minutes shown are
+            this `fit`'s own.
     """
 
     def __init__(self, total_steps, verbose=1, every=10.0, tokens_per_step=None,
-                 time_limit_minutes=None, clock=time.monotonic):
+                 time_limit_minutes=None, clock=time.monotonic, elapsed=None):
         super().__init__()
         self.time_limit_minutes = time_limit_minutes
+        self.elapsed = elapsed
         self.total_steps = total_steps
         self.verbose = verbose
         self.every = every
@@ -57,7 +62,9 @@ class StepProgress(keras.callbacks.Callback):
 
     def _emit(self, text):
         if self.time_limit_minutes:
-            minutes = (self.clock() - self.start) / 60.0
+            # A resumed run's limit counts its earlier sittings too.
+            seconds = self.elapsed() if self.elapsed else self.clock() - self.start
+            minutes = seconds / 60.0
             text += f" [{minutes:.1f} of {self.time_limit_minutes:g} min]"
         self.lines.append(text)
         progress.emit(f"[train] {text}")

@@ -123,6 +123,30 @@ def test_step_progress_reports_steps_not_epochs(capsys):
     assert quiet.lines == []
 
 
+def test_a_time_limited_run_shows_its_whole_time_against_the_limit():
+    clock = FakeClock()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+
+    class Tick(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            clock.now += 30.0  # half a minute a step
+
+    # A resumed run: 4 minutes spent in earlier sittings, which the limit counts.
+    start = clock.now
+    resumed = StepProgress(4, verbose=2, time_limit_minutes=10, clock=clock,
+                           elapsed=lambda: 240.0 + clock.now - start)
+    alone = StepProgress(4, verbose=2, time_limit_minutes=10, clock=clock)
+    x, y = np.zeros((8, 2), np.float32), np.zeros((8, 1), np.float32)
+    model.fit(x, y, batch_size=2, epochs=2, steps_per_epoch=2, verbose=0,
+              callbacks=[Tick(), resumed, alone])
+    # The first step took 0.5 min; the evaluations come after 1 and 2 minutes.
+    assert [line.rsplit("[", 1)[1] for line in resumed.lines] == [
+        "4.5 of 10 min]", "5.0 of 10 min]", "6.0 of 10 min]"]
+    assert [line.rsplit("[", 1)[1] for line in alone.lines] == [
+        "0.5 of 10 min]", "1.0 of 10 min]", "2.0 of 10 min]"]
+
+
 def test_wordpiece_learning_says_what_it_learns_from_and_how_long_it_took(capsys):
     from keras_moe.pipelines.data.wordpiece import WordPieceVocabulary
 
