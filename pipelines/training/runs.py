@@ -380,24 +380,25 @@ class TrainingClock(keras.callbacks.Callback):
         return noted[max(noted)] if noted else None
 
     @staticmethod
-    def limit_stopped(run_dir, limit_minutes, at_evaluation=False):
-        """Whether a run's time limit can have stopped it, from its `elapsed.json`.
+    def next_round_passes(seconds, round_seconds, limit_seconds):
+        """The stop at an evaluation: the round just ended predicts the next one."""
+        return seconds + round_seconds > limit_seconds
 
-        True when the time noted at its last evaluation has passed
-        `limit_minutes` (the batch-level stop), or, with `at_evaluation`,
-        when that time plus its last round's would have (the stop at an
-        evaluation: the round just ended predicts the next one, as in
-        `on_epoch_end`). False without a limit or a noted evaluation.
+    @staticmethod
+    def limit_stopped(run_dir, limit_minutes, at_evaluation=False):
+        """Whether a run's time limit stopped it, read from its `elapsed.json`.
+
+        The time at its last evaluation passed `limit_minutes` (the batch-level
+        stop), or, with `at_evaluation`, that time plus its last round's would have.
         """
         noted = TrainingClock.read_noted(run_dir)
         if limit_minutes is None or not noted:
             return False
-        steps = sorted(noted)
-        seconds, limit = noted[steps[-1]], 60.0 * limit_minutes
-        if seconds >= limit:
-            return True
+        steps, limit = sorted(noted), 60.0 * limit_minutes
+        seconds = noted[steps[-1]]
         previous = noted[steps[-2]] if len(steps) > 1 else 0.0
-        return bool(at_evaluation) and seconds + (seconds - previous) > limit
+        return seconds >= limit or (bool(at_evaluation) and TrainingClock.next_round_passes(
+            seconds, seconds - previous, limit))
 
     def on_train_begin(self, logs=None):
         self.start = self.clock()
@@ -436,7 +437,8 @@ class TrainingClock(keras.callbacks.Callback):
             # estimate errs on the safe side) predicts the next one.
             round_seconds = seconds - self.round_start
             self.round_start = seconds
-            if seconds + round_seconds > self.limit and not self.model.stop_training:
+            if (self.next_round_passes(seconds, round_seconds, self.limit)
+                    and not self.model.stop_training):
                 self.model.stop_training = True
                 self.stopped_at_step = step
                 self.budget_reached = True
