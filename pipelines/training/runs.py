@@ -267,8 +267,9 @@ def extend_finished_run(config, run_dir):
     either a larger `train.steps`, or the same `train.steps` for a run that
     its `train.time_limit_minutes` stopped short of them (inside a round,
     or at an evaluation with `train.time_limit_at_evaluation`; see
-    `TrainingClock.limit_stopped`), with a larger limit. The finished `model.keras` (weights and optimizer state) becomes
-    the backup that `RunBackup` resumes from, at the evaluation round
+    `TrainingClock.limit_stopped`), with a larger limit. The finished
+    `model.keras` (weights and optimizer state) becomes the backup that
+    `RunBackup` resumes from, at the evaluation round
     its step count reached; the learning-rate schedule goes on from the
     optimizer's step, so the continued run is the longer run. A run stopped
     inside an evaluation round goes on from its step: its next evaluations
